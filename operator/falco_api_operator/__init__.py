@@ -1,0 +1,1 @@
+"""The falco-api Kubernetes operator (FalcoRule, FalcoConfig)."""

@@ -1,0 +1,1 @@
+"""The falco-api relay: one cluster-wide stream merged from every sidecar."""

@@ -1,0 +1,1 @@
+"""The falco-api sidecar: the Falco API gRPC server beside one Falco."""
