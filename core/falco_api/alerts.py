@@ -1,0 +1,211 @@
+"""Falco's alert JSON in, the contract's protobuf out: parsed once, serialised once.
+
+Falco's ``http_output`` POSTs one JSON object per alert (DESIGN.md, "Alerts").
+:func:`parse_alert` checks it against that contract and builds an :class:`Alert`
+whose protobuf bytes are computed once and then shared by every subscriber.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from calendar import timegm
+from dataclasses import dataclass, field
+from typing import Any
+
+from falco_api.contract.falco import outputs_pb2, schema_pb2
+
+# Falco's priority names, most severe first; the index is the wire value.
+PRIORITY_NAMES = ("Emergency", "Alert", "Critical", "Error", "Warning", "Notice", "Informational", "Debug")
+_PRIORITY_BY_NAME = {name.lower(): number for number, name in enumerate(PRIORITY_NAMES)}
+_PRIORITY_BY_NAME["info"] = _PRIORITY_BY_NAME["informational"]
+
+_LEGACY_SOURCES = {
+    "syscall": schema_pb2.SYSCALL,
+    "k8s_audit": schema_pb2.K8S_AUDIT,
+    "internal": schema_pb2.INTERNAL,
+}
+
+INTERNAL_SOURCE = "internal"
+
+_TIME = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(Z|[+-]\d{2}:?\d{2})$",
+)
+_INT64_MIN, _INT64_MAX, _UINT64_MAX = -(2**63), 2**63 - 1, 2**64 - 1
+
+
+class AlertError(ValueError):
+    """An alert that does not follow Falco's JSON contract.
+
+    ``reason`` is a short stable code (used as a metrics label); the message says
+    exactly what is wrong.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def parse_priority(text: str) -> int:
+    """Falco priority name (any case, ``INFO`` included) to its wire number."""
+    try:
+        return _PRIORITY_BY_NAME[text.strip().lower()]
+    except KeyError:
+        raise AlertError(
+            "unknown_priority", f"unknown priority {text!r}; expected one of {', '.join(PRIORITY_NAMES)}"
+        ) from None
+
+
+def parse_time(text: str) -> tuple[int, int]:
+    """ISO-8601 (Falco prints UTC with nanoseconds) to (seconds, nanos) since the epoch."""
+    match = _TIME.match(text)
+    if not match:
+        raise AlertError("bad_time", f"time {text!r} is not ISO-8601 like 2024-05-01T12:00:00.123456789Z")
+    year, month, day, hour, minute, second = (int(part) for part in match.groups()[:6])
+    fraction, zone = match.group(7) or "", match.group(8)
+    try:
+        seconds = timegm((year, month, day, hour, minute, second, 0, 0, 0))
+    except (ValueError, OverflowError) as error:
+        raise AlertError("bad_time", f"time {text!r} is out of range: {error}") from None
+    if not (1 <= month <= 12 and 1 <= day <= 31 and hour < 24 and minute < 60 and second < 61):
+        raise AlertError("bad_time", f"time {text!r} has a field out of range")
+    if zone != "Z":
+        sign = -1 if zone[0] == "-" else 1
+        digits = zone[1:].replace(":", "")
+        seconds -= sign * (int(digits[:2]) * 3600 + int(digits[2:]) * 60)
+    return seconds, int(fraction.ljust(9, "0")) if fraction else 0
+
+
+def field_value(value: Any) -> outputs_pb2.FieldValue:
+    """A JSON value from ``output_fields`` as a lossless FieldValue."""
+    if value is None:
+        return outputs_pb2.FieldValue(null_value=0)
+    if isinstance(value, bool):
+        return outputs_pb2.FieldValue(bool_value=value)
+    if isinstance(value, int):
+        if _INT64_MIN <= value <= _INT64_MAX:
+            return outputs_pb2.FieldValue(int_value=value)
+        if 0 <= value <= _UINT64_MAX:
+            return outputs_pb2.FieldValue(uint_value=value)
+        return outputs_pb2.FieldValue(json_value=str(value))
+    if isinstance(value, float):
+        return outputs_pb2.FieldValue(double_value=value)
+    if isinstance(value, str):
+        return outputs_pb2.FieldValue(string_value=value)
+    if isinstance(value, list):
+        return outputs_pb2.FieldValue(
+            list_value=outputs_pb2.FieldValueList(values=[field_value(item) for item in value])
+        )
+    return outputs_pb2.FieldValue(json_value=json.dumps(value, separators=(",", ":"), sort_keys=True))
+
+
+def field_text(value: Any) -> str:
+    """A JSON value from ``output_fields`` as the legacy string map shows it (Falco's formatting)."""
+    if value is None:
+        return "<NA>"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float):
+        return str(value)
+    return json.dumps(value, separators=(",", ":"))
+
+
+@dataclass(slots=True)
+class Alert:
+    """One Falco alert, validated. ``raw`` keeps the original JSON object."""
+
+    seconds: int
+    nanos: int
+    rule: str
+    priority: int
+    source: str
+    hostname: str
+    output: str = ""
+    message: str = ""
+    tags: tuple[str, ...] = ()
+    output_fields: dict[str, Any] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_internal(self) -> bool:
+        return self.source == INTERNAL_SOURCE
+
+    @property
+    def time_ns(self) -> int:
+        return self.seconds * 1_000_000_000 + self.nanos
+
+    def to_response(self, *, seq: int = 0, origin: str = "") -> outputs_pb2.response:
+        response = outputs_pb2.response(
+            priority=self.priority,  # type: ignore[arg-type]
+            source_deprecated=_LEGACY_SOURCES.get(self.source, schema_pb2.PLUGIN),
+            rule=self.rule,
+            output=self.output,
+            hostname=self.hostname,
+            tags=self.tags,
+            source=self.source,
+            seq=seq,
+            origin=origin,
+            message=self.message,
+        )
+        response.time.seconds = self.seconds
+        response.time.nanos = self.nanos
+        for name, value in self.output_fields.items():
+            response.output_fields[name] = field_text(value)
+            response.typed_output_fields[name].CopyFrom(field_value(value))
+        return response
+
+
+def _require_str(data: dict[str, Any], key: str, *, optional: bool = False) -> str:
+    value = data.get(key)
+    if value is None:
+        if optional:
+            return ""
+        raise AlertError("missing_field", f"alert has no {key!r} (Falco always sends it)")
+    if not isinstance(value, str):
+        raise AlertError("wrong_type", f"alert key {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def alert_from_object(data: Any) -> Alert:
+    """Validate a decoded JSON value as one Falco alert."""
+    if not isinstance(data, dict):
+        raise AlertError("not_an_object", f"expected one alert as a JSON object, got {type(data).__name__}")
+    seconds, nanos = parse_time(_require_str(data, "time"))
+    priority = parse_priority(_require_str(data, "priority"))
+    tags = data.get("tags", [])
+    if tags is None:
+        tags = []
+    if not isinstance(tags, list) or not all(isinstance(tag, str) for tag in tags):
+        raise AlertError("wrong_type", "alert key 'tags' must be an array of strings")
+    output_fields = data.get("output_fields", {})
+    if output_fields is None:
+        output_fields = {}
+    if not isinstance(output_fields, dict):
+        raise AlertError("wrong_type", "alert key 'output_fields' must be an object")
+    return Alert(
+        seconds=seconds,
+        nanos=nanos,
+        rule=_require_str(data, "rule"),
+        priority=priority,
+        # Falco versions before plugins did not always send "source"; their alerts were syscall.
+        source=_require_str(data, "source", optional=True) or "syscall",
+        hostname=_require_str(data, "hostname", optional=True),
+        output=_require_str(data, "output", optional=True),
+        message=_require_str(data, "message", optional=True),
+        tags=tuple(tags),
+        output_fields=output_fields,
+        raw=data,
+    )
+
+
+def parse_alert(body: bytes | str) -> Alert:
+    """One alert from the body of a Falco ``http_output`` POST."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise AlertError("bad_json", f"body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise AlertError("bad_json", "body is nested too deeply") from None
+    return alert_from_object(data)

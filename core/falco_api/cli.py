@@ -1,0 +1,180 @@
+"""falco-api: the command-line client of the Falco API (sidecar or relay)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+import grpc
+from google.protobuf import json_format
+
+from falco_api import __version__
+from falco_api.alerts import AlertError, parse_priority
+from falco_api.client import describe_rpc_error, priority_name, response_to_falco_json, timestamp_text
+from falco_api.contract.falco import outputs_pb2, version_pb2
+from falco_api.contract.falco.api import drops_pb2, streaming_pb2_grpc, unary_pb2_grpc
+from falco_api.tls import TlsConfigError, TlsFiles, open_channel
+
+DEFAULT_SERVER = "unix:///run/falco-api/falco-api.sock"
+
+_DROP_KINDS = {
+    "syscall": drops_pb2.DROP_KIND_SYSCALL_EVENT,
+    "outputs-queue": drops_pb2.DROP_KIND_OUTPUTS_QUEUE,
+    "subscriber": drops_pb2.DROP_KIND_SUBSCRIBER_OVERFLOW,
+    "ingest": drops_pb2.DROP_KIND_INGEST_REJECTED,
+}
+
+
+class UsageError(Exception):
+    pass
+
+
+def _connection_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("connection")
+    group.add_argument("--server", default=os.environ.get("FALCO_API_SERVER", DEFAULT_SERVER),
+                       help="unix:///path or host:port (default: $FALCO_API_SERVER or %(default)s)")
+    group.add_argument("--tls-cert", default=os.environ.get("FALCO_API_TLS_CERT"), help="client certificate (PEM)")
+    group.add_argument("--tls-key", default=os.environ.get("FALCO_API_TLS_KEY"), help="client key (PEM)")
+    group.add_argument("--tls-ca", default=os.environ.get("FALCO_API_TLS_CA"), help="CA of the server (PEM)")
+    group.add_argument("--tls-server-name", help="name to check in the server certificate")
+    group.add_argument("--insecure", action="store_true", help="plain TCP without TLS (never in production)")
+    group.add_argument("--timeout", type=float, default=10.0, help="seconds for unary calls (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="falco-api", description="Client of the Falco API.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _connection_args(parser)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    version = commands.add_parser("version", help="Falco's version, as the server reports it")
+    version.add_argument("-o", "--output", choices=["text", "json"], default="text")
+
+    events = commands.add_parser("events", help="alerts: a snapshot of recent ones, or --follow live")
+    events.add_argument("-f", "--follow", action="store_true", help="keep streaming new alerts")
+    events.add_argument("--min-priority", help="only alerts at least this severe (e.g. warning)")
+    events.add_argument("--rule", action="append", default=[], help="rule-name glob to include (repeatable)")
+    events.add_argument("--exclude-rule", action="append", default=[], help="rule-name glob to drop (repeatable)")
+    events.add_argument("--tag", action="append", default=[], help="only alerts with one of these tags")
+    events.add_argument("--source", action="append", default=[], help="only these sources (syscall, k8s_audit, ...)")
+    events.add_argument("--hostname", action="append", default=[], help="only alerts from these hosts")
+    events.add_argument("--no-internal", action="store_true", help="leave out Falco's internal alerts")
+    events.add_argument("--resume", action="append", default=[], metavar="ORIGIN=SEQ",
+                        help="resume after this position (repeatable, one per origin)")
+    events.add_argument("-o", "--output", choices=["text", "json"], default="text",
+                        help="compact text, or one Falco-style JSON object per line")
+
+    drops = commands.add_parser("drops", help="drop reports: what was lost, where and when")
+    drops.add_argument("-f", "--follow", action="store_true", help="keep streaming new reports")
+    drops.add_argument("--kind", action="append", default=[], choices=sorted(_DROP_KINDS))
+    drops.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    return parser
+
+
+def outputs_request(args: argparse.Namespace) -> outputs_pb2.request:
+    request = outputs_pb2.request(
+        follow=args.follow,
+        rules=args.rule,
+        exclude_rules=args.exclude_rule,
+        tags=args.tag,
+        sources=args.source,
+        hostnames=args.hostname,
+        exclude_internal=args.no_internal,
+    )
+    if args.min_priority:
+        try:
+            request.min_priority = parse_priority(args.min_priority)  # type: ignore[assignment]
+        except AlertError as error:
+            raise UsageError(str(error)) from None
+    for position in args.resume:
+        origin, separator, seq = position.rpartition("=")
+        if not separator or not origin or not seq.isdigit():
+            raise UsageError(f"--resume takes ORIGIN=SEQ, got {position!r}")
+        request.resume_after[origin] = int(seq)
+    return request
+
+
+def format_event(response: outputs_pb2.response, output: str) -> str:
+    if output == "json":
+        return json.dumps(response_to_falco_json(response), separators=(",", ":"))
+    time_text = timestamp_text(response.time.seconds, response.time.nanos)
+    line = f"{time_text} {priority_name(response.priority):<13} {response.hostname} [{response.rule}] {response.output}"
+    if response.missed_before:
+        line = f"!! {response.missed_before} alert(s) lost before this one\n{line}"
+    return line
+
+
+def format_gap(response: outputs_pb2.response, output: str) -> str:
+    gap = response.gap
+    if output == "json":
+        return json.dumps({"gap": json_format.MessageToDict(gap, preserving_proto_field_name=True)})
+    return f"!! {gap.missed} alert(s) lost ({gap.reason}) origin={gap.origin or '-'}"
+
+
+def format_drop(report: drops_pb2.DropReport, output: str) -> str:
+    if output == "json":
+        return json.dumps(json_format.MessageToDict(report, preserving_proto_field_name=True), separators=(",", ":"))
+    kind = drops_pb2.DropKind.Name(report.kind).removeprefix("DROP_KIND_").lower()
+    end = timestamp_text(report.window_end.seconds, report.window_end.nanos)
+    detail = report.WhichOneof("detail") or ""
+    extra = json_format.MessageToDict(getattr(report, detail), preserving_proto_field_name=True) if detail else {}
+    return f"{end} {kind:<20} {report.hostname} dropped={report.dropped} {json.dumps(extra, separators=(',', ':'))}"
+
+
+async def run_command(args: argparse.Namespace, out: TextIO) -> int:
+    tls = TlsFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca)
+    channel = open_channel(args.server, tls=tls, insecure=args.insecure, server_name=args.tls_server_name)
+    async with channel:
+        if args.command == "version":
+            reply: version_pb2.response = await unary_pb2_grpc.unaryStub(channel).version(
+                version_pb2.request(), timeout=args.timeout
+            )
+            if args.output == "json":
+                out.write(json_format.MessageToJson(reply, preserving_proto_field_name=True) + "\n")
+            else:
+                out.write(
+                    f"Falco {reply.version} (engine {reply.engine_version}, libs {reply.libs_version}) "
+                    f"on {reply.hostname}; falco-api {reply.api_version}\n"
+                )
+            return 0
+        streaming = streaming_pb2_grpc.streamingStub(channel)
+        if args.command == "events":
+            async for response in streaming.outputs(outputs_request(args)):
+                text = format_gap(response, args.output) if response.HasField("gap") else format_event(
+                    response, args.output
+                )
+                out.write(text + "\n")
+                out.flush()
+            return 0
+        if args.command == "drops":
+            request = drops_pb2.DropsRequest(follow=args.follow, kinds=[_DROP_KINDS[k] for k in args.kind])
+            async for report in streaming.drops(request):
+                out.write(format_drop(report, args.output) + "\n")
+                out.flush()
+            return 0
+    raise UsageError(f"unknown command {args.command}")
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return asyncio.run(run_command(args, out))
+    except (UsageError, TlsConfigError) as error:
+        print(f"falco-api: {error}", file=sys.stderr)
+        return 2
+    except grpc.aio.AioRpcError as error:
+        print(f"falco-api: {describe_rpc_error(error, args.server)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
