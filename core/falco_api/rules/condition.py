@@ -241,7 +241,12 @@ class _Parser:
     # lexing helpers
 
     def error(self, message: str, offset: int | None = None) -> ConditionSyntaxError:
-        return ConditionSyntaxError(message, self.pos if offset is None else offset)
+        if offset is None:
+            offset = self.pos
+            # At the end of the input, point just after the last token rather than past trailing blanks.
+            if not self.text[offset:].strip():
+                offset = len(self.text.rstrip())
+        return ConditionSyntaxError(message, offset)
 
     def blank(self) -> bool:
         start = self.pos

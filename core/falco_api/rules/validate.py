@@ -176,6 +176,10 @@ class ParsedCondition:
     parts: list[TextPart]
 
 
+# Stands in for the value of a key whose type was wrong, so later checks neither use it nor call it missing.
+_MISTYPED = object()
+
+
 def parse_version(text: str) -> tuple[int, int, int] | None:
     """Semver 'X.Y.Z', or the legacy single integer N that Falco reads as 0.N.0."""
     text = text.strip()
@@ -364,8 +368,13 @@ class _Loader:
                 valid[key] = (key_node, value_node)
 
         values = {key: item.get(key) for key in valid}
-        if not self.check_types(origin, valid, values):
+        bad_keys = self.check_types(origin, valid, values)
+        if any(k in bad_keys for k in (kind, "override", "append")):
             return
+        for bad_key in bad_keys:
+            # Keep validating the rest of the item; the key's own error is already reported.
+            del valid[bad_key]
+            values[bad_key] = _MISTYPED
         if kind == "rule":
             self.load_rule(origin, valid, values)
         elif kind == "macro":
@@ -379,8 +388,9 @@ class _Loader:
 
     def check_types(
         self, origin: Origin, entries: dict[str, tuple[Node, Node]], values: dict[str, Any]
-    ) -> bool:
-        ok = True
+    ) -> list[str]:
+        """Report keys whose value has the wrong type; returns those keys."""
+        bad: list[str] = []
         for key, (_, value_node) in entries.items():
             value = values[key]
             problem: str | None = None
@@ -393,16 +403,14 @@ class _Loader:
             elif key == "capture_duration":
                 if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                     problem = "a non-negative integer (milliseconds)"
-            elif key == "tags":
-                if not isinstance(value, list) or not all(
-                    isinstance(v, str | int | float) and not isinstance(v, bool) for v in value
+            elif key in ("tags", "items"):
+                # Scalars are taken as written (yaml-cpp does not turn `yes` or `1.10` into other types).
+                if not isinstance(value_node, SequenceNode) or not all(
+                    isinstance(v, ScalarNode) for v in value_node.value
                 ):
                     problem = "a sequence of strings"
-            elif key == "items":
-                if not isinstance(value, list) or not all(
-                    isinstance(v, str | int | float) and not isinstance(v, bool) for v in value
-                ):
-                    problem = "a sequence of strings or numbers"
+                else:
+                    values[key] = [str(v.value) for v in value_node.value]
             elif key == "exceptions" or key == "required_plugin_versions":
                 if not isinstance(value, list):
                     problem = "a sequence"
@@ -417,13 +425,17 @@ class _Loader:
                 self.report(
                     origin, f"key '{key}' must be {problem}, not a {_type_name(value)}", node=value_node
                 )
-                ok = False
-        return ok
+                bad.append(key)
+        return bad
 
     def text_part(self, origin: Origin, entries: dict[str, tuple[Node, Node]], key: str) -> TextPart:
         node = entries[key][1]
         assert isinstance(node, ScalarNode)
         return TextPart(str(node.value), origin, node)
+
+    def text_parts(self, origin: Origin, entries: dict[str, tuple[Node, Node]], key: str) -> list[TextPart]:
+        """The key's text as a one-part list, or no parts when the key was mistyped (already reported)."""
+        return [self.text_part(origin, entries, key)] if key in entries else []
 
     def override_modes(
         self, origin: Origin, entries: dict[str, tuple[Node, Node]], values: dict[str, Any]
@@ -495,7 +507,7 @@ class _Loader:
     ) -> None:
         name = origin.name
         priority = values.get("priority")
-        if priority is not None and str(priority).lower() not in PRIORITIES:
+        if "priority" in entries and str(priority).lower() not in PRIORITIES:
             self.report(
                 origin,
                 f"invalid priority '{priority}' (expected one of: Emergency, Alert, Critical, Error, "
@@ -537,15 +549,15 @@ class _Loader:
             if name not in self.rules:
                 self.missing_target(origin, "'enabled' change of")
             return
-        missing = [k for k in ("condition", "output", "desc", "priority") if k not in entries]
+        missing = [k for k in ("condition", "output", "desc", "priority") if k not in values]
         if missing:
             self.report(origin, f"rule is missing required key(s): {', '.join(missing)}")
             return
-        source = str(values.get("source") or "syscall")
+        source = str(values.get("source") or "syscall") if "source" in entries else "syscall"
         state = RuleState(
             origin=origin,
-            condition=[self.text_part(origin, entries, "condition")],
-            output=[self.text_part(origin, entries, "output")],
+            condition=self.text_parts(origin, entries, "condition"),
+            output=self.text_parts(origin, entries, "output"),
             source=source,
             skip_unknown=bool(values.get("skip-if-unknown-filter", False)),
         )
@@ -781,17 +793,20 @@ class _Loader:
                 else:
                     target.condition = [part]
             return
-        if "condition" not in entries:
+        if "condition" not in values:
             self.report(origin, "macro is missing required key 'condition'")
             return
-        self.macros[name] = MacroState(origin, [self.text_part(origin, entries, "condition")])
+        self.macros[name] = MacroState(origin, self.text_parts(origin, entries, "condition"))
 
     def load_list(
         self, origin: Origin, entries: dict[str, tuple[Node, Node]], values: dict[str, Any]
     ) -> None:
         name = origin.name
-        if "items" not in entries:
+        if "items" not in values:
             self.report(origin, "list is missing required key 'items'")
+            return
+        if "items" not in entries:
+            self.lists.setdefault(name, ListState(origin, []))
             return
         items = [str(v) for v in values["items"]]
         if "override" in entries or values.get("append") is True:
@@ -879,6 +894,8 @@ class _Loader:
 
     def parse_parts(self, parts: list[TextPart]) -> ParsedCondition:
         text = " ".join(p.text for p in parts)
+        if not parts:
+            return ParsedCondition(None, text, parts)
         try:
             expr = parse_condition(text)
         except ConditionSyntaxError as exc:
@@ -1009,6 +1026,8 @@ class _Loader:
                 )
 
     def check_output(self, rule: RuleState) -> None:
+        if not rule.output:
+            return
         text = " ".join(p.text for p in rule.output)
         if not text.strip():
             self.report(rule.origin, "output is empty")
@@ -1050,7 +1069,9 @@ def validate_rules_locally(
     """Findings of this validator alone, and whether a file was refused by the resource limits."""
     loader = _load(files, engine_version, limits)
     loader.resolve()
-    return loader.findings, loader.refused_by_limits
+    order = {f.name: index for index, f in enumerate(files)}
+    findings = sorted(loader.findings, key=lambda f: (order.get(f.file, -1), f.line, f.column))
+    return findings, loader.refused_by_limits
 
 
 def defined_items(files: Sequence[RulesFile], *, limits: RulesLimits | None = None) -> DefinedItems:

@@ -72,6 +72,15 @@ class _BoundedLoader(yaml.SafeLoader):
             self._depth -= 1
 
 
+# yaml-cpp (Falco's parser) reads a plain `=` as the string "=", as in `comps: [=, in]`; PyYAML's YAML 1.1
+# resolver tags it as a "value" and SafeLoader then refuses it.
+def _construct_plain_string(loader: yaml.SafeLoader, node: Node) -> str:
+    return str(node.value)
+
+
+_BoundedLoader.add_constructor("tag:yaml.org,2002:value", _construct_plain_string)
+
+
 def _check_expansion(root: Node, limit: int) -> None:
     """Count nodes as a consumer walking the constructed data would see them (aliases expanded)."""
     sizes: dict[int, int] = {}
