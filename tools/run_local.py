@@ -38,7 +38,13 @@ def wait_for(path: Path, seconds: float) -> bool:
     return False
 
 
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> int:
+    # SIGTERM (e.g. from `timeout`) stops the children too, like Ctrl-C.
+    signal.signal(signal.SIGTERM, _interrupt)
     workdir = Path(tempfile.mkdtemp(prefix="falco-api-run-"))
     socket_path = workdir / "falco-api.sock"
     server = f"unix://{socket_path}"
