@@ -395,6 +395,11 @@ class _Parser:
         if name is not None:
             if name in KEYWORDS:
                 raise self.error(f"unexpected keyword '{name}', expecting a field check or a macro", start)
+            if self.text.startswith("(", self.pos):
+                if name == VAL_TRANSFORMER:
+                    raise self.error("'val(' may only appear on the right-hand side of a comparison", start)
+                known = ", ".join(TRANSFORMERS)
+                raise self.error(f"unknown transformer '{name}(' (known: {known})", start)
             self.pop()
             return MacroRef(name, start)
 
