@@ -1,0 +1,320 @@
+"""Fixtures for the operator tests: the API server emulator, test sidecars, the operator in-loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import grpc
+import kmock
+import kopf
+import pytest
+from falco_api.contract.falco.api import apply_pb2, rules_pb2, unary_pb2_grpc
+from falco_api_operator.desired import state_from_request, state_sha256
+from falco_api_operator.handlers import OperatorConfig, Runtime, register
+from falco_api_operator.pusher import PushSettings
+
+from .k8s_emulator import FalcoApiServerEmulator
+
+NAMESPACE = "falco"
+FALCO_LABELS = {"app.kubernetes.io/name": "falco"}
+RULES = "falcoapi.io/v1alpha1/falcorules"
+CONFIGS = "falcoapi.io/v1alpha1/falcoconfigs"
+
+
+# --- the sidecar ------------------------------------------------------------------------------
+# TEMPORARY TEST DOUBLE of the sidecar's `falco.api.unary/apply`, by the contract in
+# proto/falco/api/apply.proto, until the real sidecar's apply lands. The fixture
+# `sidecar_factory` is the seam: swap it for one that starts the real sidecar
+# (with the Falco double) and every operator test runs against the real thing.
+
+
+@dataclass
+class SidecarBehaviour:
+    fail_with: grpc.StatusCode | None = None  # abort every call with this code
+    falco_refuses: str | None = None  # answer FAILED with this Falco message
+    hang: bool = False  # never answer (until told otherwise)
+
+
+@dataclass
+class ApplyDouble(unary_pb2_grpc.unaryServicer):  # type: ignore[misc]
+    behaviour: SidecarBehaviour = field(default_factory=SidecarBehaviour)
+    applies: list[apply_pb2.ApplyRequest] = field(default_factory=list)
+    loaded_sha: str = ""
+    loaded: apply_pb2.ApplyRequest = field(default_factory=apply_pb2.ApplyRequest)
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def apply(self, request: apply_pb2.ApplyRequest, context: grpc.aio.ServicerContext) -> Any:
+        self.applies.append(request)
+        if self.behaviour.hang:
+            await self.released.wait()
+        if self.behaviour.fail_with is not None:
+            await context.abort(self.behaviour.fail_with, "test sidecar told to fail")
+        rules, configs = state_from_request(request)
+        sha = state_sha256(rules, configs)
+        if self.behaviour.falco_refuses:
+            status = rules_pb2.LoadStatus(
+                state=rules_pb2.LoadStatus.STATE_FAILED, message=self.behaviour.falco_refuses
+            )
+            result = apply_pb2.WriteResult(
+                changed=True, status=status, rolled_back=True, state_sha256=self.loaded_sha
+            )
+            return apply_pb2.ApplyResponse(result=result)
+        changed = sha != self.loaded_sha
+        self.loaded_sha, self.loaded = sha, request
+        status = rules_pb2.LoadStatus(state=rules_pb2.LoadStatus.STATE_LOADED)
+        result = apply_pb2.WriteResult(changed=changed, status=status, state_sha256=sha)
+        return apply_pb2.ApplyResponse(result=result, rulesets=request.rulesets, configs=request.configs)
+
+    @property
+    def ruleset_names(self) -> list[str]:
+        return [r.name for r in self.loaded.rulesets]
+
+
+class TestSidecar:
+    def __init__(self, node: str) -> None:
+        self.node = node
+        self.servicer = ApplyDouble()
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self.server = grpc.aio.server()
+        unary_pb2_grpc.add_unaryServicer_to_server(self.servicer, self.server)
+        self.port = self.server.add_insecure_port(f"127.0.0.1:{self.port}")
+        await self.server.start()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.servicer.released.set()
+            await self.server.stop(grace=0.1)
+            self.server = None
+
+    async def restart(self) -> None:
+        """A new process on the same port: it knows nothing of what was pushed before."""
+        await self.stop()
+        self.servicer = ApplyDouble()
+        await self.start()
+
+
+SidecarFactory = Callable[[str], Awaitable[TestSidecar]]
+
+
+@pytest.fixture
+async def sidecar_factory() -> AsyncIterator[SidecarFactory]:
+    started: list[TestSidecar] = []
+
+    async def make(node: str) -> TestSidecar:
+        sidecar = TestSidecar(node)
+        await sidecar.start()
+        started.append(sidecar)
+        return sidecar
+
+    yield make
+    await asyncio.gather(*(s.stop() for s in started))
+
+
+# --- the API server ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[FalcoApiServerEmulator]:
+    emulator = FalcoApiServerEmulator()
+    for path, kind, namespaced, subresources in (
+        (RULES, "FalcoRule", False, {"status"}),
+        (CONFIGS, "FalcoConfig", False, {"status"}),
+        ("v1/pods", "Pod", True, {"status"}),
+        ("v1/nodes", "Node", False, {"status"}),
+        ("v1/events", "Event", True, set()),
+        ("v1/namespaces", "Namespace", False, set()),
+        (
+            "admissionregistration.k8s.io/v1/validatingwebhookconfigurations",
+            "ValidatingWebhookConfiguration",
+            False,
+            set(),
+        ),
+    ):
+        emulator.resources[path] = kmock.ResourceInfo(
+            kind=kind,
+            namespaced=namespaced,
+            subresources=subresources,
+            verbs={"list", "watch", "get", "create", "patch", "delete"},
+        )
+    async with emulator, kmock.Server(emulator) as server:
+        emulator.base_url = str(server.url).rstrip("/")
+        yield emulator
+
+
+class Kube:
+    """What kubectl would do against the emulator."""
+
+    def __init__(self, url: str, session: aiohttp.ClientSession) -> None:
+        self.url = url
+        self.session = session
+
+    async def request(
+        self, method: str, path: str, body: Any = None, content_type: str = "application/json"
+    ) -> Any:
+        async with self.session.request(
+            method, self.url + path, json=body, headers={"Content-Type": content_type}
+        ) as response:
+            data = await response.json(content_type=None)
+            if response.status >= 400:
+                raise AssertionError(f"{method} {path}: {response.status} {data}")
+            return data
+
+    async def create(self, path: str, body: dict[str, Any]) -> Any:
+        return await self.request("POST", path, body)
+
+    async def patch(self, path: str, body: dict[str, Any]) -> Any:
+        return await self.request("PATCH", path, body, "application/merge-patch+json")
+
+    async def get(self, path: str) -> Any:
+        return await self.request("GET", path)
+
+    async def delete(self, path: str) -> Any:
+        return await self.request("DELETE", path)
+
+    async def add_node(self, name: str, labels: dict[str, str] | None = None) -> None:
+        await self.create(
+            "/api/v1/nodes",
+            {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels or {}}},
+        )
+
+    async def add_falco_pod(
+        self, node: str, port: int, *, ready: bool = True, name: str | None = None
+    ) -> str:
+        pod_name = name or f"falco-{node}"
+        await self.create(f"/api/v1/namespaces/{NAMESPACE}/pods", falco_pod(pod_name, node, port, ready))
+        return pod_name
+
+    async def set_pod(self, name: str, node: str, port: int, *, ready: bool) -> None:
+        pod = falco_pod(name, node, port, ready)
+        await self.patch(f"/api/v1/namespaces/{NAMESPACE}/pods/{name}", {"status": pod["status"]})
+
+    async def apply_rule(self, name: str, rules: str, *, order: int = 50, **spec: Any) -> Any:
+        body = {
+            "apiVersion": "falcoapi.io/v1alpha1",
+            "kind": "FalcoRule",
+            "metadata": {"name": name},
+            "spec": {"rules": rules, "order": order, "enabled": True, **spec},
+        }
+        return await self.create("/apis/falcoapi.io/v1alpha1/falcorules", body)
+
+    async def rule(self, name: str) -> Any:
+        return await self.get(f"/apis/falcoapi.io/v1alpha1/falcorules/{name}")
+
+
+def falco_pod(name: str, node: str, port: int, ready: bool) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": NAMESPACE, "labels": dict(FALCO_LABELS)},
+        "spec": {
+            "nodeName": node,
+            "containers": [
+                {"name": "falco"},
+                {"name": "falco-api", "ports": [{"name": "falco-api", "containerPort": port}]},
+            ],
+        },
+        "status": {
+            "phase": "Running",
+            "podIP": "127.0.0.1",
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+        },
+    }
+
+
+@pytest.fixture
+async def kube(api: FalcoApiServerEmulator) -> AsyncIterator[Kube]:
+    async with aiohttp.ClientSession() as session:
+        yield Kube(api.base_url, session)
+
+
+# --- the operator -----------------------------------------------------------------------------
+
+
+@dataclass
+class RunningOperator:
+    runtime: Runtime
+    config: OperatorConfig
+
+
+OperatorStarter = Callable[..., Awaitable[RunningOperator]]
+
+
+@pytest.fixture
+async def start_operator(api: FalcoApiServerEmulator) -> AsyncIterator[OperatorStarter]:
+    """Run the real operator (kopf) in its own thread and event loop, as its own process would.
+
+    A thread, not a task: when kopf.operator() exits it cancels every task created in its
+    loop since it started, which would include the test sidecars' gRPC server tasks.
+    """
+    running: list[tuple[threading.Event, threading.Thread]] = []
+
+    async def start(**overrides: Any) -> RunningOperator:
+        config = OperatorConfig(
+            namespace=NAMESPACE,
+            insecure=True,
+            resync_seconds=overrides.pop("resync_seconds", 0),
+            status_debounce_seconds=overrides.pop("status_debounce_seconds", 0.2),
+            push=PushSettings(call_timeout=2.0, backoff_initial=0.1, backoff_max=0.5, verdict_poll=0.2),
+            # Explicit connection: never the environment's KUBECONFIG or the in-cluster account.
+            connection=kopf.ConnectionInfo(server=api.base_url, insecure=True),
+            **overrides,
+        )
+        runtime = Runtime(config)
+        registry = kopf.OperatorRegistry()
+        register(registry, runtime)
+        settings = kopf.OperatorSettings()
+        settings.watching.reconnect_backoff = 0.05
+        stop, ready = threading.Event(), threading.Event()
+
+        def serve() -> None:
+            asyncio.run(
+                kopf.operator(
+                    registry=registry,
+                    settings=settings,
+                    standalone=True,
+                    namespaces=[NAMESPACE],
+                    stop_flag=stop,
+                    ready_flag=ready,
+                )
+            )
+
+        thread = threading.Thread(target=serve, name="operator", daemon=True)
+        thread.start()
+        running.append((stop, thread))
+        await asyncio.to_thread(ready.wait, 10)
+        assert ready.is_set(), "the operator did not start within 10 s"
+        return RunningOperator(runtime, config)
+
+    yield start
+    for stop, _ in running:
+        stop.set()
+    for _, thread in running:
+        await asyncio.to_thread(thread.join, 10)
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]] | Callable[[], bool], within: float = 10.0
+) -> None:
+    """Poll until ``check`` holds; the operator is asynchronous by design."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {within}s: {getattr(check, '__name__', check)}")
+        await asyncio.sleep(0.05)
+
+
+logging.getLogger("kopf").setLevel(logging.INFO)
