@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from falco_api.rules import Finding, RulesFile, validate_rules
 
 from .helpers import RULE_HEAD, check, errors, only_error
@@ -56,7 +55,7 @@ def test_undefined_macro() -> None:
 def test_list_name_used_as_macro_gets_a_hint() -> None:
     content = "- list: shells\n  items: [bash]\n" + RULE_HEAD + "  condition: shells\n"
     finding = only_error(check(content))
-    assert "undefined macro 'shells' ('shells' is a list; use it as 'field in (shells)')" == finding.message
+    assert finding.message == "undefined macro 'shells' ('shells' is a list; use it as 'field in (shells)')"
 
 
 def test_undefined_list() -> None:
@@ -164,7 +163,8 @@ EXCEPTION_CASES = [
         "exception 'e': value #1 must be a sequence of 2 element(s), one per field",
     ),
     (
-        "    - name: e\n      fields: [proc.name, fd.name]\n      comps: [=, =]\n      values: [[a, [b, c]]]\n",
+        "    - name: e\n      fields: [proc.name, fd.name]\n      comps: [=, =]\n"
+        "      values: [[a, [b, c]]]\n",
         "value #1 gives a sequence for comparison '='",
     ),
     ("    - name: e\n      fields: proc.name\n      comps: [in]\n", "'comps' must be a single operator"),
@@ -287,7 +287,10 @@ def test_required_engine_version_comparison(required: str, engine: str, ok: bool
 
 
 def test_invalid_required_engine_version_and_engine_argument() -> None:
-    assert "invalid required_engine_version 'latest'" in only_error(check("- required_engine_version: latest\n")).message
+    assert (
+        "invalid required_engine_version 'latest'"
+        in only_error(check("- required_engine_version: latest\n")).message
+    )
     finding = only_error(check("- list: l\n  items: [a]\n", engine_version="new"))
     assert finding.file == "<arguments>" and "engine version 'new'" in finding.message
 
@@ -314,4 +317,6 @@ def test_messages_name_the_right_file_in_a_set() -> None:
 def test_finding_str_formats() -> None:
     assert str(Finding("f.yaml", "rule", "X", 3, 4, "bad")) == "f.yaml:3:4: rule 'X': bad"
     assert str(Finding("f.yaml", "file", "", 0, 0, "gone")) == "f.yaml: gone"
-    assert str(Finding("f.yaml", "macro", "m", 1, 2, "meh", "warning")) == "f.yaml:1:2: warning: macro 'm': meh"
+    assert (
+        str(Finding("f.yaml", "macro", "m", 1, 2, "meh", "warning")) == "f.yaml:1:2: warning: macro 'm': meh"
+    )

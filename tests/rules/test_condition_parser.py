@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from falco_api.rules.condition import (
     And,
     BinaryCheck,
@@ -74,7 +73,7 @@ def test_unary_exists() -> None:
 
 @pytest.mark.parametrize("op", ["in", "intersects", "pmatch"])
 def test_list_operators_with_literal_lists(op: str) -> None:
-    expr = check(f'proc.name {op} (bash, "my shell", \'x,y\', runc:[0:PARENT], /usr/bin/)')
+    expr = check(f"proc.name {op} (bash, \"my shell\", 'x,y', runc:[0:PARENT], /usr/bin/)")
     assert expr.operator == op
     assert isinstance(expr.right, ListLiteral)
     assert [i.value for i in expr.right.items] == ["bash", "my shell", "x,y", "runc:[0:PARENT]", "/usr/bin/"]
