@@ -301,9 +301,7 @@ async def start_operator(api: FalcoApiServerEmulator) -> AsyncIterator[OperatorS
         await asyncio.to_thread(thread.join, 10)
 
 
-async def eventually(
-    check: Callable[[], Awaitable[bool]] | Callable[[], bool], within: float = 10.0
-) -> None:
+async def eventually(check: Callable[[], Awaitable[bool]] | Callable[[], bool], within: float = 10.0) -> None:
     """Poll until ``check`` holds; the operator is asynchronous by design."""
     deadline = asyncio.get_running_loop().time() + within
     while True:

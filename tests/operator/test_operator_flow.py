@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from .conftest import Kube, OperatorStarter, SidecarFactory, eventually
@@ -44,3 +45,155 @@ async def test_apply_becomes_ready_on_every_node(
     for sidecar in sidecars:
         assert sidecar.servicer.ruleset_names == ["shell-rule"]
         assert sidecar.servicer.loaded.rulesets[0].order == 10
+
+
+async def ready_status(kube: Kube, name: str) -> dict[str, Any]:
+    return dict((await kube.rule(name)).get("status") or {})
+
+
+async def test_node_selector_limits_the_rule_to_matching_nodes(
+    kube: Kube, sidecar_factory: SidecarFactory, start_operator: OperatorStarter
+) -> None:
+    web = await sidecar_factory("web-1")
+    db = await sidecar_factory("db-1")
+    await kube.add_node("web-1", {"role": "web"})
+    await kube.add_node("db-1", {"role": "db"})
+    for sidecar in (web, db):
+        await kube.add_falco_pod(sidecar.node, sidecar.port)
+    await start_operator()
+    await kube.apply_rule(
+        "web-only",
+        RULE,
+        nodeSelector={"matchExpressions": [{"key": "role", "operator": "In", "values": ["web"]}]},
+    )
+
+    async def loaded_on_one() -> bool:
+        return (await ready_status(kube, "web-only")).get("loadedSummary") == "1/1"
+
+    await eventually(loaded_on_one)
+    assert web.servicer.ruleset_names == ["web-only"]
+    assert db.servicer.ruleset_names == []
+
+
+async def test_restarted_sidecar_gets_the_full_state_again(
+    kube: Kube, sidecar_factory: SidecarFactory, start_operator: OperatorStarter
+) -> None:
+    sidecar = await sidecar_factory("node-a")
+    await kube.add_node("node-a")
+    pod = await kube.add_falco_pod("node-a", sidecar.port)
+    await start_operator()
+    await kube.apply_rule("r1", RULE)
+    await eventually(lambda: sidecar.servicer.ruleset_names == ["r1"])
+
+    # The pod restarts: not Ready, a fresh process with nothing loaded, Ready again.
+    await kube.set_pod(pod, "node-a", sidecar.port, ready=False)
+    await sidecar.restart()
+    assert sidecar.servicer.ruleset_names == []
+    await kube.set_pod(pod, "node-a", sidecar.port, ready=True)
+    await eventually(lambda: sidecar.servicer.ruleset_names == ["r1"])
+
+
+async def test_dead_sidecar_makes_ready_false_and_names_the_node(
+    kube: Kube, sidecar_factory: SidecarFactory, start_operator: OperatorStarter
+) -> None:
+    alive = await sidecar_factory("node-ok")
+    dead = await sidecar_factory("node-dead")
+    for sidecar in (alive, dead):
+        await kube.add_node(sidecar.node)
+        await kube.add_falco_pod(sidecar.node, sidecar.port)
+    await dead.stop()
+    await start_operator()
+    await kube.apply_rule("r1", RULE)
+
+    async def one_failed() -> bool:
+        status = await ready_status(kube, "r1")
+        return status.get("failed") == 1 and status.get("loaded") == 1
+
+    await eventually(one_failed)
+    obj = await kube.rule("r1")
+    ready = condition(obj, "Ready")
+    assert ready["status"] == "False"
+    assert ready["reason"] == "LoadFailed"
+    assert "node-dead" in ready["message"]
+    assert obj["status"]["failingNodes"][0].startswith("node-dead: sidecar unreachable")
+    assert alive.servicer.ruleset_names == ["r1"]
+
+
+async def test_falco_refusal_is_reported_with_falcos_message(
+    kube: Kube, sidecar_factory: SidecarFactory, start_operator: OperatorStarter
+) -> None:
+    sidecar = await sidecar_factory("node-a")
+    sidecar.servicer.behaviour.falco_refuses = "LOAD_ERR_COMPILE_CONDITION: unknown field proc.nme"
+    await kube.add_node("node-a")
+    await kube.add_falco_pod("node-a", sidecar.port)
+    await start_operator()
+    await kube.apply_rule("r1", RULE)
+
+    async def failed() -> bool:
+        return (await ready_status(kube, "r1")).get("failed") == 1
+
+    await eventually(failed)
+    status = await ready_status(kube, "r1")
+    assert "unknown field proc.nme" in status["failingNodes"][0]
+    assert "(previous rules restored)" in status["failingNodes"][0]
+
+
+async def test_one_change_on_fifty_nodes_writes_status_a_bounded_number_of_times(
+    api: Any, kube: Kube, sidecar_factory: SidecarFactory, start_operator: OperatorStarter
+) -> None:
+    sidecars = [await sidecar_factory(f"node-{i:02}") for i in range(50)]
+    for sidecar in sidecars:
+        await kube.add_node(sidecar.node)
+        await kube.add_falco_pod(sidecar.node, sidecar.port)
+    await start_operator()
+    await kube.apply_rule("r1", RULE)
+
+    async def all_loaded() -> bool:
+        return (await ready_status(kube, "r1")).get("loadedSummary") == "50/50"
+
+    await eventually(all_loaded, within=20)
+    before = api.status_patches("falcorules", "r1")
+    await kube.patch(
+        "/apis/falcoapi.io/v1alpha1/falcorules/r1", {"spec": {"rules": RULE.replace("bash", "zsh")}}
+    )
+
+    async def all_reloaded() -> bool:
+        if not all(
+            s.servicer.loaded.rulesets and "zsh" in s.servicer.loaded.rulesets[0].content for s in sidecars
+        ):
+            return False
+        status = await ready_status(kube, "r1")
+        return status.get("loadedSummary") == "50/50" and status.get("observedGeneration") == 2
+
+    await eventually(all_reloaded, within=20)
+    await asyncio.sleep(0.5)  # let any straggling writes land before counting
+    writes = api.status_patches("falcorules", "r1") - before
+    # observedGeneration+pending, then loaded: a couple of writes, never one per node.
+    assert 1 <= writes <= 4, writes
+
+
+async def test_deleted_rule_is_removed_from_every_sidecar(
+    api: Any, kube: Kube, sidecar_factory: SidecarFactory, start_operator: OperatorStarter
+) -> None:
+    sidecars = [await sidecar_factory(f"node-{i}") for i in range(3)]
+    for sidecar in sidecars:
+        await kube.add_node(sidecar.node)
+        await kube.add_falco_pod(sidecar.node, sidecar.port)
+    await start_operator()
+    await kube.apply_rule("keep", RULE, order=5)
+    await kube.apply_rule("drop", RULE.replace("Shell in", "Other shell in"), order=7)
+    await eventually(lambda: all(s.servicer.ruleset_names == ["keep", "drop"] for s in sidecars))
+    obj = await kube.rule("drop")
+    assert "falcoapi.io/finalizer" in obj["metadata"]["finalizers"]
+
+    await kube.delete("/apis/falcoapi.io/v1alpha1/falcorules/drop")
+    await eventually(lambda: all(s.servicer.ruleset_names == ["keep"] for s in sidecars))
+
+    async def gone() -> bool:
+        try:
+            await kube.rule("drop")
+        except AssertionError:
+            return True
+        return False
+
+    await eventually(gone)
