@@ -73,3 +73,11 @@ def test_defined_items_lists_names_in_definition_order() -> None:
     assert "shell_binaries" in items.lists
     assert "Terminal shell in container" in items.rules
     assert len(items.rules) == 25
+
+
+def test_fixture_deprecated_rules_validate_alone_and_after_the_stable_rules() -> None:
+    deprecated = str(FIXTURES / "falco-deprecated_rules.yaml")
+    assert validate_paths([deprecated], engine_version="0.57.0") == []
+    stable = str(FIXTURES / "falco_rules.yaml")
+    findings = validate_paths([stable, deprecated], engine_version="0.57.0")
+    assert findings == [], "\n".join(map(str, findings))
