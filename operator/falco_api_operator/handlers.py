@@ -44,6 +44,8 @@ class OperatorConfig:
     webhook_addr: str = "0.0.0.0"
     webhook_cert: str | None = None
     webhook_key: str | None = None
+    # The CA bundle the API server should trust (default: the server certificate itself).
+    webhook_ca: str | None = None
     webhook_url: str | None = None
     webhook_service: str = "falco-api-operator"
     webhook_service_port: int = 443
@@ -88,7 +90,7 @@ def webhook_server(config: OperatorConfig) -> ClientConfigWebhookServer | None:
         return None
     common: dict[str, Any] = {"addr": config.webhook_addr, "port": config.webhook_port}
     if config.webhook_cert and config.webhook_key:
-        common.update(certfile=config.webhook_cert, pkeyfile=config.webhook_key)
+        common.update(certfile=config.webhook_cert, pkeyfile=config.webhook_key, cafile=config.webhook_ca)
     if config.webhook_url:
         parsed = urllib.parse.urlsplit(config.webhook_url)
         return ClientConfigWebhookServer(url=config.webhook_url.rstrip("/"), host=parsed.hostname, **common)

@@ -84,6 +84,7 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
         webhook_port=args.webhook_port,
         webhook_cert=args.webhook_cert,
         webhook_key=args.webhook_key,
+        webhook_ca=args.webhook_ca,
         webhook_url=args.webhook_url,
         webhook_service=args.webhook_service,
         webhook_service_port=args.webhook_service_port,
