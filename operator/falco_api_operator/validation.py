@@ -142,12 +142,14 @@ def validate_rule_in_set(candidate: FalcoRuleSpec, others: Iterable[FalcoRuleSpe
     validator = _project_rules_validator()
     if validator is None:
         return _structural_rules_check(members, candidate.name)
-    files = [validator.RulesFile(name=m.name, content=m.rules) for m in members]
-    findings = _findings_from(validator.validate_rules(files), candidate.name)
-    # Only what is wrong in (or because of) the candidate blocks it; the others were admitted already.
-    return [f for f in findings if f.file == candidate.name] or [
-        f for f in findings if candidate.name in f.message
-    ]
+    def run(subset: Sequence[FalcoRuleSpec]) -> list[Finding]:
+        files = [validator.RulesFile(name=m.name, content=m.rules) for m in subset]
+        return _findings_from(validator.validate_rules(files), candidate.name)
+
+    # Blame the candidate for what its arrival adds: findings of the set with it that the set
+    # without it does not have (the others were admitted already, possibly by an older validator).
+    before = set(run([m for m in members if m.name != candidate.name]))
+    return [f for f in run(members) if f not in before]
 
 
 def validate_config(candidate: FalcoConfigSpec) -> list[Finding]:

@@ -1,0 +1,187 @@
+"""Pure parts of the operator: selectors, desired state, hashing, status aggregation, backoff, discovery."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+from falco_api.discovery import SelectorError, SidecarDirectory, parse_equality_selector, sidecar_from_pod
+from falco_api_operator.desired import (
+    FalcoConfigSpec,
+    FalcoRuleSpec,
+    LabelSelector,
+    apply_request,
+    desired_state,
+    state_from_request,
+    state_sha256,
+)
+from falco_api_operator.desired import SelectorError as NodeSelectorError
+from falco_api_operator.pusher import PushSettings, backoff_delay
+from falco_api_operator.status import Acceptance, NodeOutcome, NodeState, aggregate_status, status_differs
+from falco_api_operator.validation import validate_rule_in_set
+
+from .conftest import falco_pod
+
+
+def rule(
+    name: str, order: int = 50, selector: dict[str, Any] | None = None, enabled: bool = True
+) -> FalcoRuleSpec:
+    return FalcoRuleSpec(
+        name, f"- list: {name}\n  items: []\n", order, LabelSelector.from_dict(selector), enabled
+    )
+
+
+@pytest.mark.parametrize(
+    "selector,labels,expected",
+    [
+        ({}, {}, True),
+        ({"matchLabels": {"a": "1"}}, {"a": "1", "b": "2"}, True),
+        ({"matchLabels": {"a": "1"}}, {"a": "2"}, False),
+        ({"matchExpressions": [{"key": "a", "operator": "In", "values": ["1", "2"]}]}, {"a": "2"}, True),
+        ({"matchExpressions": [{"key": "a", "operator": "In", "values": ["1"]}]}, {}, False),
+        ({"matchExpressions": [{"key": "a", "operator": "NotIn", "values": ["1"]}]}, {}, True),
+        ({"matchExpressions": [{"key": "a", "operator": "NotIn", "values": ["1"]}]}, {"a": "1"}, False),
+        ({"matchExpressions": [{"key": "a", "operator": "Exists"}]}, {"a": ""}, True),
+        ({"matchExpressions": [{"key": "a", "operator": "DoesNotExist"}]}, {"a": ""}, False),
+    ],
+)
+def test_label_selector(selector: dict[str, Any], labels: dict[str, str], expected: bool) -> None:
+    assert LabelSelector.from_dict(selector).matches(labels) is expected
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"matchExpressions": [{"key": "a", "operator": "Near"}]},
+        {"matchExpressions": [{"key": "a", "operator": "In"}]},
+        {"matchExpressions": [{"key": "a", "operator": "Exists", "values": ["x"]}]},
+        {"matchLabels": ["a"]},
+    ],
+)
+def test_bad_selectors_are_refused_with_a_message(bad: dict[str, Any]) -> None:
+    with pytest.raises(NodeSelectorError):
+        LabelSelector.from_dict(bad)
+
+
+def test_desired_state_is_enabled_and_matching_in_order_then_name() -> None:
+    rules = [
+        rule("b", 10),
+        rule("a", 10),
+        rule("first", 1),
+        rule("off", 0, enabled=False),
+        rule("db", 5, {"matchLabels": {"role": "db"}}),
+    ]
+    state = desired_state(rules, [], {"role": "web"})
+    assert [r.name for r in state.rulesets] == ["first", "a", "b"]
+
+
+def test_state_hash_is_order_independent_in_input_and_sensitive_to_content() -> None:
+    one = desired_state([rule("a", 1), rule("b", 2)], [], {})
+    two = desired_state([rule("b", 2), rule("a", 1)], [], {})
+    assert one.sha256 == two.sha256
+    changed = desired_state(
+        [rule("a", 1), FalcoRuleSpec("b", "- list: x\n  items: []\n", 2, LabelSelector())], [], {}
+    )
+    assert changed.sha256 != one.sha256
+
+
+def test_apply_request_round_trips_rules_and_configs() -> None:
+    configs = [FalcoConfigSpec("c", {"json_output": True, "nested": {"k": "v"}}, 3, LabelSelector())]
+    state = desired_state([rule("a", 1)], configs, {})
+    request = apply_request(state)
+    rules_back, configs_back = state_from_request(request)
+    assert state_sha256(rules_back, configs_back) == state.sha256
+    assert request.configs[0].order == 3
+
+
+def test_status_counts_and_caps_failing_nodes() -> None:
+    outcomes = [NodeOutcome(f"n{i}", NodeState.FAILED, "boom") for i in range(7)]
+    outcomes += [NodeOutcome("ok", NodeState.LOADED), NodeOutcome("wait", NodeState.PENDING)]
+    status = aggregate_status(3, Acceptance(True), outcomes)
+    assert (status["targeted"], status["loaded"], status["failed"], status["pending"]) == (9, 1, 7, 1)
+    assert status["loadedSummary"] == "1/9"
+    assert status["failingNodes"][:1] == ["n0: boom"]
+    assert status["failingNodes"][-1] == "(+2 more)"
+    assert len(status["failingNodes"]) == 6
+    assert status["conditions"][1]["reason"] == "LoadFailed"
+    assert status["observedGeneration"] == 3
+
+
+def test_status_ready_and_not_accepted() -> None:
+    ready = aggregate_status(1, Acceptance(True), [NodeOutcome("a", NodeState.LOADED)])
+    assert ready["conditions"][1]["status"] == "True"
+    refused = aggregate_status(1, Acceptance(False, "bad"), [])
+    assert refused["conditions"][0] == {
+        "type": "Accepted",
+        "status": "False",
+        "reason": "ValidationFailed",
+        "message": "bad",
+    }
+    assert refused["conditions"][1]["reason"] == "NotAccepted"
+
+
+def test_status_differs_ignores_transition_times_only() -> None:
+    status = aggregate_status(1, Acceptance(True), [NodeOutcome("a", NodeState.LOADED)])
+    timed = {
+        **status,
+        "conditions": [{**c, "lastTransitionTime": "2024-01-01T00:00:00Z"} for c in status["conditions"]],
+    }
+    assert not status_differs(timed, status)
+    assert status_differs(timed, aggregate_status(2, Acceptance(True), [NodeOutcome("a", NodeState.LOADED)]))
+
+
+def test_backoff_grows_is_capped_and_jittered() -> None:
+    settings = PushSettings(backoff_initial=1, backoff_max=8)
+    rng = random.Random(1)
+    delays = [backoff_delay(n, settings, rng) for n in range(1, 8)]
+    assert all(0.5 <= d <= 8 for d in delays)
+    assert delays[-1] >= 4  # capped at 8, jitter over [cap/2, cap]
+
+
+def test_sidecar_from_pod_requires_ready_ip_and_named_port() -> None:
+    pod = falco_pod("falco-x", "node-x", 5060, ready=True)
+    sidecar = sidecar_from_pod(pod)
+    assert sidecar is not None and sidecar.address == "127.0.0.1:5060" and sidecar.node == "node-x"
+    assert sidecar_from_pod(falco_pod("falco-x", "node-x", 5060, ready=False)) is None
+    assert sidecar_from_pod(pod, port_name="other") is None
+    no_ip = falco_pod("falco-x", "node-x", 5060, ready=True)
+    del no_ip["status"]["podIP"]
+    assert sidecar_from_pod(no_ip) is None
+
+
+def test_directory_reports_changed_nodes_only() -> None:
+    directory = SidecarDirectory()
+    assert directory.observe("ADDED", falco_pod("p", "n", 1, ready=True)) == {"n"}
+    assert directory.observe("MODIFIED", falco_pod("p", "n", 1, ready=True)) == set()
+    assert directory.observe("MODIFIED", falco_pod("p", "n", 1, ready=False)) == {"n"}
+    assert directory.pod_nodes == {"n"}
+    assert directory.observe("DELETED", falco_pod("p", "n", 1, ready=False)) == set()
+    assert directory.pod_nodes == set()
+
+
+@pytest.mark.parametrize("bad", ["", "a!=b", "a in (b)", "novalue"])
+def test_sidecar_selector_must_be_equality_terms(bad: str) -> None:
+    with pytest.raises(SelectorError):
+        parse_equality_selector(bad)
+
+
+def test_set_validation_catches_override_of_undefined_rule() -> None:
+    override = FalcoRuleSpec(
+        "o", "- rule: Ghost\n  condition: and proc.name = x\n  override:\n    condition: append\n", 50, LabelSelector()
+    )
+    assert "Ghost" in str(validate_rule_in_set(override, [])[0])
+    base = FalcoRuleSpec(
+        "base",
+        "- rule: Ghost\n  desc: d\n  condition: evt.type = execve\n  output: o\n  priority: INFO\n",
+        1,
+        LabelSelector(),
+    )
+    assert validate_rule_in_set(override, [base]) == []
+    later = FalcoRuleSpec("zz", base.rules, 99, LabelSelector())
+    assert validate_rule_in_set(override, [later]), "an override loaded before its base is an error"
+
+
+def test_broken_yaml_is_a_finding_not_a_crash() -> None:
+    broken = FalcoRuleSpec("b", "- rule: [unclosed\n", 50, LabelSelector())
+    assert "yaml" in str(validate_rule_in_set(broken, [])[0]).lower()
