@@ -6,7 +6,7 @@ import logging
 import urllib.parse
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import kopf
 from falco_api.discovery import DEFAULT_PORT_NAME, DEFAULT_SELECTOR, SidecarDirectory, register_kopf_pod_watch
@@ -73,7 +73,7 @@ class ClientConfigWebhookServer(kopf.WebhookServer):  # type: ignore[misc]
         self.advertised_service = dict(service) if service else None
         self.advertised_url = url
 
-    async def __call__(self, fn: Any) -> AsyncIterator[dict[str, Any]]:
+    async def __call__(self, fn: Any) -> AsyncIterator[kopf.WebhookClientConfig]:
         async for client_config in super().__call__(fn):
             config = {k: v for k, v in client_config.items() if k != "url"}
             if self.advertised_service is not None:
@@ -82,7 +82,7 @@ class ClientConfigWebhookServer(kopf.WebhookServer):  # type: ignore[misc]
                 config["url"] = self.advertised_url
             else:
                 config["url"] = client_config["url"]
-            yield config
+            yield cast(kopf.WebhookClientConfig, config)
 
 
 def webhook_server(config: OperatorConfig) -> ClientConfigWebhookServer | None:
@@ -148,9 +148,9 @@ class Runtime:
     @staticmethod
     def _post_event(reference: Mapping[str, Any], reason: str, message: str) -> None:
         if reason == "Recovered":
-            kopf.info(dict(reference), reason=reason, message=message)
+            kopf.info(cast(kopf.Body, dict(reference)), reason=reason, message=message)
         else:
-            kopf.warn(dict(reference), reason=reason, message=message)
+            kopf.warn(cast(kopf.Body, dict(reference)), reason=reason, message=message)
 
     async def close(self) -> None:
         await self.model.close()
@@ -186,7 +186,9 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
         return info
 
     @kopf.on.startup(registry=registry)  # type: ignore[untyped-decorator]
-    async def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any) -> None:
+    async def configure(
+        settings: kopf.OperatorSettings, logger: logging.Logger | logging.LoggerAdapter[Any], **_: Any
+    ) -> None:
         settings.persistence.finalizer = f"{PREFIX}/finalizer"
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -199,7 +201,7 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
         settings.watching.server_timeout = 300
         server = webhook_server(config)
         if server is not None:
-            settings.admission.server = server
+            settings.admission.server = server  # type: ignore[assignment]
             if config.manage_webhook_configuration:
                 settings.admission.managed = WEBHOOK_CONFIGURATION
         runtime.pushes.start()
@@ -266,7 +268,7 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
         await model.upsert(RULES_PLURAL, spec, acceptance, object_reference(RULES_PLURAL, body), status)
 
     @kopf.on.delete(GROUP, VERSION, RULES_PLURAL, registry=registry)  # type: ignore[untyped-decorator]
-    async def rule_deleted(name: str, logger: logging.Logger, **_: Any) -> None:
+    async def rule_deleted(name: str, logger: logging.Logger | logging.LoggerAdapter[Any], **_: Any) -> None:
         await remove_everywhere(RULES_PLURAL, name, logger)
 
     # --- FalcoConfig -------------------------------------------------------------------------
@@ -310,10 +312,14 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
         await model.upsert(CONFIGS_PLURAL, spec, acceptance, object_reference(CONFIGS_PLURAL, body), status)
 
     @kopf.on.delete(GROUP, VERSION, CONFIGS_PLURAL, registry=registry)  # type: ignore[untyped-decorator]
-    async def config_deleted(name: str, logger: logging.Logger, **_: Any) -> None:
+    async def config_deleted(
+        name: str, logger: logging.Logger | logging.LoggerAdapter[Any], **_: Any
+    ) -> None:
         await remove_everywhere(CONFIGS_PLURAL, name, logger)
 
-    async def remove_everywhere(plural: str, name: str, logger: logging.Logger) -> None:
+    async def remove_everywhere(
+        plural: str, name: str, logger: logging.Logger | logging.LoggerAdapter[Any]
+    ) -> None:
         """Finalizer: release the object only when no reachable sidecar still runs it.
 
         Unreachable sidecars do not block deletion: when they come back they get the

@@ -29,10 +29,10 @@ def _ssl_context(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
     if info.ca_path:
         context.load_verify_locations(cafile=str(info.ca_path))
     elif info.ca_data:
-        data = info.ca_data.decode() if isinstance(info.ca_data, bytes) else info.ca_data
-        if "BEGIN CERTIFICATE" not in data:
-            data = base64.b64decode(data).decode()
-        context.load_verify_locations(cadata=data)
+        pem = info.ca_data.decode() if isinstance(info.ca_data, bytes) else str(info.ca_data)
+        if "BEGIN CERTIFICATE" not in pem:
+            pem = base64.b64decode(pem).decode()
+        context.load_verify_locations(cadata=pem)
     if info.certificate_path and info.private_key_path:
         context.load_cert_chain(str(info.certificate_path), str(info.private_key_path))
     elif info.certificate_data and info.private_key_data:

@@ -18,7 +18,7 @@ from .handlers import OperatorConfig, Runtime, register
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="falco-api-operator",
-        description="Pushes FalcoRule and FalcoConfig objects to the Falco API sidecars of the selected nodes.",
+        description="Pushes FalcoRule and FalcoConfig objects to the Falco API sidecars of their nodes.",
     )
     parser.add_argument("--namespace", default="falco", help="namespace of the Falco pods (default: falco)")
     parser.add_argument(

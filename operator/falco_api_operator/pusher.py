@@ -93,7 +93,7 @@ class GrpcSidecarClient:
         return response
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._channel.close(grace=None)
 
 
 class NodePusher:

@@ -142,6 +142,7 @@ def validate_rule_in_set(candidate: FalcoRuleSpec, others: Iterable[FalcoRuleSpe
     validator = _project_rules_validator()
     if validator is None:
         return _structural_rules_check(members, candidate.name)
+
     def run(subset: Sequence[FalcoRuleSpec]) -> list[Finding]:
         files = [validator.RulesFile(name=m.name, content=m.rules) for m in subset]
         return _findings_from(validator.validate_rules(files), candidate.name)

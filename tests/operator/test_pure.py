@@ -168,7 +168,10 @@ def test_sidecar_selector_must_be_equality_terms(bad: str) -> None:
 
 def test_set_validation_catches_override_of_undefined_rule() -> None:
     override = FalcoRuleSpec(
-        "o", "- rule: Ghost\n  condition: and proc.name = x\n  override:\n    condition: append\n", 50, LabelSelector()
+        "o",
+        "- rule: Ghost\n  condition: and proc.name = x\n  override:\n    condition: append\n",
+        50,
+        LabelSelector(),
     )
     assert "Ghost" in str(validate_rule_in_set(override, [])[0])
     base = FalcoRuleSpec(
