@@ -9,9 +9,9 @@ from typing import Any
 
 import aiohttp
 import pytest
-
 from falco_api.testing.falco_double import FalcoDouble
 from falco_api_sidecar.main import Sidecar, SidecarConfig
+
 from tests.certs import Pki
 
 # kopf logs in through the kubernetes client, which reads KUBECONFIG at import
@@ -48,11 +48,15 @@ class RunningSidecar:
     def ingest_url(self) -> str:
         return f"http://127.0.0.1:{self.sidecar.ingest_port}/"
 
-    async def post(self, alert: Any, *, raw: bytes | None = None, content_type: str = "application/json") -> int:
+    async def post(
+        self, alert: Any, *, raw: bytes | None = None, content_type: str = "application/json"
+    ) -> int:
         import json
 
         body = raw if raw is not None else json.dumps(alert).encode()
-        async with self._session.post(self.ingest_url, data=body, headers={"Content-Type": content_type}) as reply:
+        async with self._session.post(
+            self.ingest_url, data=body, headers={"Content-Type": content_type}
+        ) as reply:
             await reply.read()
             return reply.status
 

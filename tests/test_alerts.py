@@ -3,7 +3,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from falco_api.alerts import AlertError, alert_from_object, parse_alert, parse_priority, parse_time
 from falco_api.client import field_python_value, response_to_falco_json
 from falco_api.contract.falco import outputs_pb2, schema_pb2
@@ -13,7 +12,9 @@ from falco_api.testing.falco_double import metrics_snapshot_alert, rule_alert, s
 def test_rule_alert_round_trips_losslessly() -> None:
     raw = rule_alert("node-a", index=3, time_ns=1_732_631_000_123_456_789)
     alert = parse_alert(json.dumps(raw))
-    response = outputs_pb2.response.FromString(alert.to_response(seq=7, origin="node-a/1").SerializeToString())
+    response = outputs_pb2.response.FromString(
+        alert.to_response(seq=7, origin="node-a/1").SerializeToString()
+    )
 
     assert response.rule == raw["rule"]
     assert response.priority == schema_pb2.NOTICE
@@ -58,8 +59,18 @@ def test_plugin_sources_map_to_plugin() -> None:
 
 @pytest.mark.parametrize(
     ("text", "number"),
-    [("Emergency", 0), ("ALERT", 1), ("critical", 2), ("Error", 3), ("warning", 4), ("NOTICE", 5),
-     ("Informational", 6), ("INFO", 6), ("info", 6), ("Debug", 7)],
+    [
+        ("Emergency", 0),
+        ("ALERT", 1),
+        ("critical", 2),
+        ("Error", 3),
+        ("warning", 4),
+        ("NOTICE", 5),
+        ("Informational", 6),
+        ("INFO", 6),
+        ("info", 6),
+        ("Debug", 7),
+    ],
 )
 def test_priorities_are_case_insensitive_with_info_alias(text: str, number: int) -> None:
     assert parse_priority(text) == number
@@ -85,19 +96,46 @@ def test_times(text: str, expected: tuple[int, int]) -> None:
         (b"\xff\xfe", "bad_json", "not valid JSON"),
         (b"[1, 2]", "not_an_object", "JSON object"),
         (b"[" * 100_000, "bad_json", "nested too deeply"),
-        (json.dumps({"time": "2024-05-01T12:00:00Z", "priority": "Warning"}).encode(), "missing_field", "'rule'"),
+        (
+            json.dumps({"time": "2024-05-01T12:00:00Z", "priority": "Warning"}).encode(),
+            "missing_field",
+            "'rule'",
+        ),
         (json.dumps({"rule": "r", "priority": "Warning"}).encode(), "missing_field", "'time'"),
-        (json.dumps({"rule": "r", "time": "yesterday", "priority": "Warning"}).encode(), "bad_time", "ISO-8601"),
-        (json.dumps({"rule": "r", "time": "2024-13-01T12:00:00Z", "priority": "Warning"}).encode(), "bad_time",
-         "range"),
-        (json.dumps({"rule": "r", "time": "2024-05-01T12:00:00Z", "priority": "Severe"}).encode(),
-         "unknown_priority", "'Severe'"),
-        (json.dumps({"rule": 5, "time": "2024-05-01T12:00:00Z", "priority": "Warning"}).encode(), "wrong_type",
-         "'rule' must be a string"),
-        (json.dumps({"rule": "r", "time": "2024-05-01T12:00:00Z", "priority": "Warning", "tags": "a"}).encode(),
-         "wrong_type", "'tags'"),
-        (json.dumps({"rule": "r", "time": "2024-05-01T12:00:00Z", "priority": "Warning",
-                     "output_fields": [1]}).encode(), "wrong_type", "'output_fields'"),
+        (
+            json.dumps({"rule": "r", "time": "yesterday", "priority": "Warning"}).encode(),
+            "bad_time",
+            "ISO-8601",
+        ),
+        (
+            json.dumps({"rule": "r", "time": "2024-13-01T12:00:00Z", "priority": "Warning"}).encode(),
+            "bad_time",
+            "range",
+        ),
+        (
+            json.dumps({"rule": "r", "time": "2024-05-01T12:00:00Z", "priority": "Severe"}).encode(),
+            "unknown_priority",
+            "'Severe'",
+        ),
+        (
+            json.dumps({"rule": 5, "time": "2024-05-01T12:00:00Z", "priority": "Warning"}).encode(),
+            "wrong_type",
+            "'rule' must be a string",
+        ),
+        (
+            json.dumps(
+                {"rule": "r", "time": "2024-05-01T12:00:00Z", "priority": "Warning", "tags": "a"}
+            ).encode(),
+            "wrong_type",
+            "'tags'",
+        ),
+        (
+            json.dumps(
+                {"rule": "r", "time": "2024-05-01T12:00:00Z", "priority": "Warning", "output_fields": [1]}
+            ).encode(),
+            "wrong_type",
+            "'output_fields'",
+        ),
     ],
 )
 def test_malformed_alerts_are_refused_with_a_reason(body: bytes, reason: str, words: str) -> None:

@@ -47,7 +47,12 @@ async def test_overflow_drops_for_that_subscriber_only_and_reports_the_gap_in_pl
     rest = await drain(slow)
     assert seqs(rest) == [2, 3, 7]
     gap = rest[-1].gap
-    assert gap is not None and (gap.missed, gap.reason, gap.first_seq, gap.last_seq) == (3, GAP_OVERFLOW, 4, 6)
+    assert gap is not None and (gap.missed, gap.reason, gap.first_seq, gap.last_seq) == (
+        3,
+        GAP_OVERFLOW,
+        4,
+        6,
+    )
     assert seqs(await drain(fast)) == list(range(1, 8))
     assert slow.total_missed == 3 and hub.stats.dropped_overflow == 3
     assert [g.missed for g in reported] == [3]

@@ -54,24 +54,54 @@ def main() -> int:
         if use_falco:
             print(FALCO_SETTINGS, file=sys.stderr)
         else:
-            print("No Falco in use here: the Falco double posts alerts instead "
-                  "(FALCO_API_USE_FALCO=1 uses an installed Falco).", file=sys.stderr)
-            processes.append(subprocess.Popen(
-                [str(BIN / "python"), "-m", "falco_api.testing.falco_double",
-                 "--listen", FALCO_WEB, "--post-url", f"http://{INGEST}/", "--rate", "3"]
-            ))
-        processes.append(subprocess.Popen(
-            [str(BIN / "falco-api-sidecar"), "--grpc-listen", server, "--ingest-listen", INGEST,
-             "--falco-url", f"http://{FALCO_WEB}", "--metrics-listen", "127.0.0.1:9376", "--log-level", "WARNING"]
-        ))
+            print(
+                "No Falco in use here: the Falco double posts alerts instead "
+                "(FALCO_API_USE_FALCO=1 uses an installed Falco).",
+                file=sys.stderr,
+            )
+            processes.append(
+                subprocess.Popen(
+                    [
+                        str(BIN / "python"),
+                        "-m",
+                        "falco_api.testing.falco_double",
+                        "--listen",
+                        FALCO_WEB,
+                        "--post-url",
+                        f"http://{INGEST}/",
+                        "--rate",
+                        "3",
+                    ]
+                )
+            )
+        processes.append(
+            subprocess.Popen(
+                [
+                    str(BIN / "falco-api-sidecar"),
+                    "--grpc-listen",
+                    server,
+                    "--ingest-listen",
+                    INGEST,
+                    "--falco-url",
+                    f"http://{FALCO_WEB}",
+                    "--metrics-listen",
+                    "127.0.0.1:9376",
+                    "--log-level",
+                    "WARNING",
+                ]
+            )
+        )
         if not wait_for(socket_path, 15):
             print("the sidecar did not start; see its messages above", file=sys.stderr)
             return 1
         subprocess.run([str(BIN / "falco-api"), "--server", server, "version"], check=False)
-        print(f"Streaming alerts from {server} (Ctrl-C to stop). Metrics: http://127.0.0.1:9376/metrics",
-              file=sys.stderr)
-        return subprocess.run([str(BIN / "falco-api"), "--server", server, "events", "--follow"],
-                              check=False).returncode
+        print(
+            f"Streaming alerts from {server} (Ctrl-C to stop). Metrics: http://127.0.0.1:9376/metrics",
+            file=sys.stderr,
+        )
+        return subprocess.run(
+            [str(BIN / "falco-api"), "--server", server, "events", "--follow"], check=False
+        ).returncode
     except KeyboardInterrupt:
         return 0
     finally:

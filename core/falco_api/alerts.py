@@ -13,6 +13,8 @@ from calendar import timegm
 from dataclasses import dataclass, field
 from typing import Any
 
+from google.protobuf import struct_pb2
+
 from falco_api.contract.falco import outputs_pb2, schema_pb2
 
 # Falco's priority names, most severe first; the index is the wire value.
@@ -79,7 +81,7 @@ def parse_time(text: str) -> tuple[int, int]:
 def field_value(value: Any) -> outputs_pb2.FieldValue:
     """A JSON value from ``output_fields`` as a lossless FieldValue."""
     if value is None:
-        return outputs_pb2.FieldValue(null_value=0)
+        return outputs_pb2.FieldValue(null_value=struct_pb2.NULL_VALUE)
     if isinstance(value, bool):
         return outputs_pb2.FieldValue(bool_value=value)
     if isinstance(value, int):

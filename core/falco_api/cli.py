@@ -36,14 +36,21 @@ class UsageError(Exception):
 
 def _connection_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("connection")
-    group.add_argument("--server", default=os.environ.get("FALCO_API_SERVER", DEFAULT_SERVER),
-                       help="unix:///path or host:port (default: $FALCO_API_SERVER or %(default)s)")
-    group.add_argument("--tls-cert", default=os.environ.get("FALCO_API_TLS_CERT"), help="client certificate (PEM)")
+    group.add_argument(
+        "--server",
+        default=os.environ.get("FALCO_API_SERVER", DEFAULT_SERVER),
+        help="unix:///path or host:port (default: $FALCO_API_SERVER or %(default)s)",
+    )
+    group.add_argument(
+        "--tls-cert", default=os.environ.get("FALCO_API_TLS_CERT"), help="client certificate (PEM)"
+    )
     group.add_argument("--tls-key", default=os.environ.get("FALCO_API_TLS_KEY"), help="client key (PEM)")
     group.add_argument("--tls-ca", default=os.environ.get("FALCO_API_TLS_CA"), help="CA of the server (PEM)")
     group.add_argument("--tls-server-name", help="name to check in the server certificate")
     group.add_argument("--insecure", action="store_true", help="plain TCP without TLS (never in production)")
-    group.add_argument("--timeout", type=float, default=10.0, help="seconds for unary calls (default: %(default)s)")
+    group.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds for unary calls (default: %(default)s)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,15 +66,29 @@ def build_parser() -> argparse.ArgumentParser:
     events.add_argument("-f", "--follow", action="store_true", help="keep streaming new alerts")
     events.add_argument("--min-priority", help="only alerts at least this severe (e.g. warning)")
     events.add_argument("--rule", action="append", default=[], help="rule-name glob to include (repeatable)")
-    events.add_argument("--exclude-rule", action="append", default=[], help="rule-name glob to drop (repeatable)")
+    events.add_argument(
+        "--exclude-rule", action="append", default=[], help="rule-name glob to drop (repeatable)"
+    )
     events.add_argument("--tag", action="append", default=[], help="only alerts with one of these tags")
-    events.add_argument("--source", action="append", default=[], help="only these sources (syscall, k8s_audit, ...)")
+    events.add_argument(
+        "--source", action="append", default=[], help="only these sources (syscall, k8s_audit, ...)"
+    )
     events.add_argument("--hostname", action="append", default=[], help="only alerts from these hosts")
     events.add_argument("--no-internal", action="store_true", help="leave out Falco's internal alerts")
-    events.add_argument("--resume", action="append", default=[], metavar="ORIGIN=SEQ",
-                        help="resume after this position (repeatable, one per origin)")
-    events.add_argument("-o", "--output", choices=["text", "json"], default="text",
-                        help="compact text, or one Falco-style JSON object per line")
+    events.add_argument(
+        "--resume",
+        action="append",
+        default=[],
+        metavar="ORIGIN=SEQ",
+        help="resume after this position (repeatable, one per origin)",
+    )
+    events.add_argument(
+        "-o",
+        "--output",
+        choices=["text", "json"],
+        default="text",
+        help="compact text, or one Falco-style JSON object per line",
+    )
 
     drops = commands.add_parser("drops", help="drop reports: what was lost, where and when")
     drops.add_argument("-f", "--follow", action="store_true", help="keep streaming new reports")
@@ -103,7 +124,8 @@ def format_event(response: outputs_pb2.response, output: str) -> str:
     if output == "json":
         return json.dumps(response_to_falco_json(response), separators=(",", ":"))
     time_text = timestamp_text(response.time.seconds, response.time.nanos)
-    line = f"{time_text} {priority_name(response.priority):<13} {response.hostname} [{response.rule}] {response.output}"
+    priority = priority_name(response.priority)
+    line = f"{time_text} {priority:<13} {response.hostname} [{response.rule}] {response.output}"
     if response.missed_before:
         line = f"!! {response.missed_before} alert(s) lost before this one\n{line}"
     return line
@@ -118,12 +140,17 @@ def format_gap(response: outputs_pb2.response, output: str) -> str:
 
 def format_drop(report: drops_pb2.DropReport, output: str) -> str:
     if output == "json":
-        return json.dumps(json_format.MessageToDict(report, preserving_proto_field_name=True), separators=(",", ":"))
+        return json.dumps(
+            json_format.MessageToDict(report, preserving_proto_field_name=True), separators=(",", ":")
+        )
     kind = drops_pb2.DropKind.Name(report.kind).removeprefix("DROP_KIND_").lower()
     end = timestamp_text(report.window_end.seconds, report.window_end.nanos)
     detail = report.WhichOneof("detail") or ""
-    extra = json_format.MessageToDict(getattr(report, detail), preserving_proto_field_name=True) if detail else {}
-    return f"{end} {kind:<20} {report.hostname} dropped={report.dropped} {json.dumps(extra, separators=(',', ':'))}"
+    extra = (
+        json_format.MessageToDict(getattr(report, detail), preserving_proto_field_name=True) if detail else {}
+    )
+    counts = json.dumps(extra, separators=(",", ":"))
+    return f"{end} {kind:<20} {report.hostname} dropped={report.dropped} {counts}"
 
 
 async def run_command(args: argparse.Namespace, out: TextIO) -> int:
@@ -145,8 +172,10 @@ async def run_command(args: argparse.Namespace, out: TextIO) -> int:
         streaming = streaming_pb2_grpc.streamingStub(channel)
         if args.command == "events":
             async for response in streaming.outputs(outputs_request(args)):
-                text = format_gap(response, args.output) if response.HasField("gap") else format_event(
-                    response, args.output
+                text = (
+                    format_gap(response, args.output)
+                    if response.HasField("gap")
+                    else format_event(response, args.output)
                 )
                 out.write(text + "\n")
                 out.flush()

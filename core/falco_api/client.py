@@ -67,7 +67,9 @@ def describe_rpc_error(error: grpc.aio.AioRpcError, server: str) -> str:
         hint = ""
         lowered = details.lower()
         if "handshake" in lowered or "ssl" in lowered or "certificate" in lowered or "tls" in lowered:
-            hint = " (TLS failed: check --tls-ca matches the server's CA and the server trusts your certificate)"
+            hint = (
+                " (TLS failed: check --tls-ca matches the server's CA and the server trusts your certificate)"
+            )
         elif "connect" in lowered or "no such file" in lowered or "refused" in lowered:
             hint = " (is the sidecar running, and is --server right?)"
         return f"cannot reach {server}: {details}{hint}"

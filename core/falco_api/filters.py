@@ -24,7 +24,9 @@ def _compile_globs(patterns: list[str], what: str) -> re.Pattern[str] | None:
         raise FilterError(f"too many {what} patterns ({len(patterns)}; at most {_MAX_PATTERNS})")
     for pattern in patterns:
         if not pattern or len(pattern) > _MAX_PATTERN_LENGTH:
-            raise FilterError(f"{what} pattern must be 1-{_MAX_PATTERN_LENGTH} characters, got {len(pattern)}")
+            raise FilterError(
+                f"{what} pattern must be 1-{_MAX_PATTERN_LENGTH} characters, got {len(pattern)}"
+            )
     # fnmatch.translate makes case-sensitive, anchored regexes; one alternation for all.
     return re.compile("|".join(f"(?:{translate(pattern)})" for pattern in patterns))
 

@@ -215,7 +215,10 @@ class Hub(Generic[T]):
                 evicted_upto = self._evicted_upto.get(origin)
                 if evicted_upto is not None and evicted_upto > last_seen:
                     replay.append(
-                        Delivery(None, Gap(evicted_upto - last_seen, GAP_EVICTED, origin, last_seen + 1, evicted_upto))
+                        Delivery(
+                            None,
+                            Gap(evicted_upto - last_seen, GAP_EVICTED, origin, last_seen + 1, evicted_upto),
+                        )
                     )
                 elif evicted_upto is None and not any(e.origin == origin for e in self._ring):
                     replay.append(Delivery(None, Gap(0, GAP_UNKNOWN_ORIGIN, origin)))

@@ -7,6 +7,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -29,7 +30,7 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
 @dataclass
 class RunningServer:
     server: grpc.aio.Server
-    health: health.aio.HealthServicer
+    health: Any  # grpc_health's asyncio HealthServicer (untyped)
     address: str
     port: int
     service_names: tuple[str, ...]
@@ -46,17 +47,17 @@ async def start_server(
     *,
     tls: TlsFiles | None,
     insecure: bool,
-    handlers: Sequence[grpc.GenericRpcHandler],
+    handlers: Sequence[grpc.GenericRpcHandler[Any, Any]],
     service_names: Sequence[str],
     register: Sequence[Callable[[grpc.aio.Server], None]] = (),
-    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
 ) -> RunningServer:
     """``handlers`` are generic handlers; ``register`` takes generated ``add_*_to_server`` helpers."""
     server = grpc.aio.server(interceptors=list(interceptors), options=SERVER_OPTIONS)
     server.add_generic_rpc_handlers(tuple(handlers))
     for add_to_server in register:
         add_to_server(server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server

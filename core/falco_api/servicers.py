@@ -72,7 +72,9 @@ def _api_payloads(delivery: Delivery[Alert]) -> list[bytes]:
     if delivery.gap is not None:
         payloads.append(_gap_message(delivery.gap))
     if delivery.entry is not None:
-        extra = _missed_before(delivery.gap.missed) if delivery.gap is not None and delivery.gap.missed else b""
+        extra = (
+            _missed_before(delivery.gap.missed) if delivery.gap is not None and delivery.gap.missed else b""
+        )
         payloads.append(delivery.entry.payload + extra)
     return payloads
 
@@ -121,7 +123,9 @@ class OutputsServicer:
                 yield payload
 
     async def sub(
-        self, request_iterator: AsyncIterator[outputs_pb2.request], context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        request_iterator: AsyncIterator[outputs_pb2.request],
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[bytes]:
         """Legacy: live alerts for as long as the client keeps its request stream open."""
         try:
@@ -235,7 +239,7 @@ class VersionServicer:
             raise
 
 
-def outputs_handlers(servicer: OutputsServicer) -> list[grpc.GenericRpcHandler]:
+def outputs_handlers(servicer: OutputsServicer) -> list[grpc.GenericRpcHandler[Any, Any]]:
     request = outputs_pb2.request.FromString
     return [
         grpc.method_handlers_generic_handler(
@@ -252,13 +256,15 @@ def outputs_handlers(servicer: OutputsServicer) -> list[grpc.GenericRpcHandler]:
     ]
 
 
-def streaming_handlers(outputs: OutputsServicer, drops: DropsServicer) -> list[grpc.GenericRpcHandler]:
+def streaming_handlers(outputs: OutputsServicer, drops: DropsServicer) -> list[grpc.GenericRpcHandler[Any, Any]]:
     return [
         grpc.method_handlers_generic_handler(
             STREAMING_SERVICE,
             {
                 "outputs": grpc.unary_stream_rpc_method_handler(
-                    outputs.outputs, request_deserializer=outputs_pb2.request.FromString, response_serializer=_identity
+                    outputs.outputs,
+                    request_deserializer=outputs_pb2.request.FromString,
+                    response_serializer=_identity,
                 ),
                 "drops": grpc.unary_stream_rpc_method_handler(
                     drops.drops,
@@ -270,7 +276,7 @@ def streaming_handlers(outputs: OutputsServicer, drops: DropsServicer) -> list[g
     ]
 
 
-def legacy_version_handlers(servicer: VersionServicer) -> list[grpc.GenericRpcHandler]:
+def legacy_version_handlers(servicer: VersionServicer) -> list[grpc.GenericRpcHandler[Any, Any]]:
     return [
         grpc.method_handlers_generic_handler(
             LEGACY_VERSION_SERVICE,

@@ -88,9 +88,15 @@ class EventStreams:
         self.alerts.close()
         self.drops.close()
 
-    def _report_overflow(self, subscription: Subscription[Alert] | Subscription[drops_pb2.DropReport], gap: Gap) -> None:
+    def _report_overflow(
+        self, subscription: Subscription[Alert] | Subscription[drops_pb2.DropReport], gap: Gap
+    ) -> None:
         self.publish_drop(
             subscriber_overflow_report(
-                gap, peer=subscription.peer, method=subscription.method, hostname=self.hostname, origin=self.origin
+                gap,
+                peer=subscription.peer,
+                method=subscription.method,
+                hostname=self.hostname,
+                origin=self.origin,
             )
         )

@@ -41,12 +41,16 @@ class TlsFiles:
 
     @classmethod
     def from_flags(cls, cert: str | None, key: str | None, ca: str | None) -> TlsFiles | None:
-        given = [flag for flag, value in (("--tls-cert", cert), ("--tls-key", key), ("--tls-ca", ca)) if value]
+        given = [
+            flag for flag, value in (("--tls-cert", cert), ("--tls-key", key), ("--tls-ca", ca)) if value
+        ]
         if not given:
             return None
         if len(given) != 3:
             missing = sorted({"--tls-cert", "--tls-key", "--tls-ca"} - set(given))
-            raise TlsConfigError(f"mutual TLS needs all three of --tls-cert, --tls-key, --tls-ca; missing {missing}")
+            raise TlsConfigError(
+                f"mutual TLS needs all three of --tls-cert, --tls-key, --tls-ca; missing {missing}"
+            )
         assert cert and key and ca
         return cls(cert=cert, key=key, ca=ca)
 

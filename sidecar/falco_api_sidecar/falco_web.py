@@ -6,7 +6,6 @@ import re
 from typing import Any
 
 import aiohttp
-
 from falco_api import __version__
 from falco_api.contract.falco import version_pb2
 from falco_api.servicers import Unavailable
@@ -54,7 +53,11 @@ def version_response(versions: Any, *, hostname: str) -> version_pb2.response:
     if isinstance(engine_semver, str) and engine_semver:
         engine_major, engine_minor, engine_patch, _, _ = parse_semver(engine_semver)
         response.engine_version = engine_semver
-        response.engine_major, response.engine_minor, response.engine_patch = engine_major, engine_minor, engine_patch
+        response.engine_major, response.engine_minor, response.engine_patch = (
+            engine_major,
+            engine_minor,
+            engine_patch,
+        )
     else:
         # Older Falcos publish only the engine's minor number, as a string.
         engine_minor_text = str(versions.get("engine_version", ""))
@@ -62,8 +65,13 @@ def version_response(versions: Any, *, hostname: str) -> version_pb2.response:
             raise FalcoVersionError(f"Falco's /versions has no usable engine version: {engine_minor_text!r}")
         response.engine_minor = int(engine_minor_text)
         response.engine_version = f"0.{engine_minor_text}.0"
-    for key in ("libs_version", "plugin_api_version", "driver_api_version", "driver_schema_version",
-                "default_driver_version"):
+    for key in (
+        "libs_version",
+        "plugin_api_version",
+        "driver_api_version",
+        "driver_schema_version",
+        "default_driver_version",
+    ):
         value = versions.get(key)
         if isinstance(value, str):
             setattr(response, key, value)
@@ -95,7 +103,9 @@ class FalcoWebClient:
                     raise Unavailable(f"Falco's webserver answer for {url} is larger than {_MAX_BODY} bytes")
                 return body
         except (aiohttp.ClientError, TimeoutError) as error:
-            raise Unavailable(f"cannot reach Falco's webserver at {url}: {error or type(error).__name__}") from None
+            raise Unavailable(
+                f"cannot reach Falco's webserver at {url}: {error or type(error).__name__}"
+            ) from None
 
     async def versions(self) -> Any:
         import json

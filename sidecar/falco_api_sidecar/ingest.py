@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 
 from aiohttp import web
-
 from falco_api.alerts import AlertError, parse_alert
 from falco_api.streams import EventStreams
 
@@ -29,13 +28,13 @@ def _refuse(streams: EventStreams, status: int, reason: str, message: str) -> we
 async def _post_alert(request: web.Request) -> web.Response:
     streams = request.app[STREAMS_KEY]
     if request.content_type not in _JSON_TYPES:
-        return _refuse(streams, 415, "bad_content_type", f"expected application/json, got {request.content_type}")
+        return _refuse(
+            streams, 415, "bad_content_type", f"expected application/json, got {request.content_type}"
+        )
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        return _refuse(
-            streams, 413, "too_large", f"alert body larger than {request.app[MAX_BODY_KEY]} bytes"
-        )
+        return _refuse(streams, 413, "too_large", f"alert body larger than {request.app[MAX_BODY_KEY]} bytes")
     try:
         alert = parse_alert(body)
     except AlertError as error:

@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass, field
 
 from aiohttp import web
-
 from falco_api import __version__
 from falco_api.contract.falco import version_pb2
 from falco_api.netaddr import split_host_port
@@ -35,6 +34,7 @@ from falco_api.servicers import (
 )
 from falco_api.streams import DEFAULT_QUEUE_SIZE, DEFAULT_REPLAY_SIZE, EventStreams
 from falco_api.tls import TlsConfigError, TlsFiles, check_transport
+
 from falco_api_sidecar.falco_web import FalcoVersionError, FalcoWebClient, version_response
 from falco_api_sidecar.ingest import DEFAULT_MAX_BODY, ingest_app
 from falco_api_sidecar.metrics import metrics_app
@@ -116,7 +116,9 @@ class Sidecar:
             service_names=[LEGACY_OUTPUTS_SERVICE, LEGACY_VERSION_SERVICE, STREAMING_SERVICE, UNARY_SERVICE],
         )
         self.ingest_port = await self._serve_http(
-            ingest_app(self.streams, max_body=self.config.max_body), self.config.ingest_listen, "--ingest-listen"
+            ingest_app(self.streams, max_body=self.config.max_body),
+            self.config.ingest_listen,
+            "--ingest-listen",
         )
         if self.config.metrics_listen:
             self.metrics_port = await self._serve_http(
@@ -164,27 +166,54 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("FALCO_API_GRPC_LISTEN", DEFAULT_GRPC_LISTEN),
         help="unix:///path (local, no auth) or host:port (mutual TLS) (default: %(default)s)",
     )
-    parser.add_argument("--ingest-listen", default="127.0.0.1:2801",
-                        help="where Falco's http_output posts alerts (default: %(default)s)")
-    parser.add_argument("--falco-url", default="http://127.0.0.1:8765",
-                        help="Falco's webserver (default: %(default)s)")
-    parser.add_argument("--metrics-listen", default="127.0.0.1:9376",
-                        help="Prometheus /metrics host:port, or 'off' (default: %(default)s)")
+    parser.add_argument(
+        "--ingest-listen",
+        default="127.0.0.1:2801",
+        help="where Falco's http_output posts alerts (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--falco-url", default="http://127.0.0.1:8765", help="Falco's webserver (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--metrics-listen",
+        default="127.0.0.1:9376",
+        help="Prometheus /metrics host:port, or 'off' (default: %(default)s)",
+    )
     parser.add_argument("--tls-cert", help="this server's certificate (PEM)")
     parser.add_argument("--tls-key", help="this server's private key (PEM)")
     parser.add_argument("--tls-ca", help="CA that signs client certificates (PEM)")
-    parser.add_argument("--insecure", action="store_true",
-                        help="allow plain TCP without TLS (never in production)")
-    parser.add_argument("--node-name", default=os.environ.get("NODE_NAME") or socket.gethostname(),
-                        help="this node's name, used in origins and reports (default: $NODE_NAME or hostname)")
-    parser.add_argument("--replay-size", type=int, default=DEFAULT_REPLAY_SIZE,
-                        help="alerts kept for get and resume (default: %(default)s)")
-    parser.add_argument("--queue-size", type=int, default=DEFAULT_QUEUE_SIZE,
-                        help="alerts queued per subscriber before it loses some (default: %(default)s)")
-    parser.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY,
-                        help="largest alert POST accepted, bytes (default: %(default)s)")
-    parser.add_argument("--grace", type=float, default=5.0,
-                        help="seconds streams get to drain on SIGTERM (default: %(default)s)")
+    parser.add_argument(
+        "--insecure", action="store_true", help="allow plain TCP without TLS (never in production)"
+    )
+    parser.add_argument(
+        "--node-name",
+        default=os.environ.get("NODE_NAME") or socket.gethostname(),
+        help="this node's name, used in origins and reports (default: $NODE_NAME or hostname)",
+    )
+    parser.add_argument(
+        "--replay-size",
+        type=int,
+        default=DEFAULT_REPLAY_SIZE,
+        help="alerts kept for get and resume (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--queue-size",
+        type=int,
+        default=DEFAULT_QUEUE_SIZE,
+        help="alerts queued per subscriber before it loses some (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-body",
+        type=int,
+        default=DEFAULT_MAX_BODY,
+        help="largest alert POST accepted, bytes (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=5.0,
+        help="seconds streams get to drain on SIGTERM (default: %(default)s)",
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 

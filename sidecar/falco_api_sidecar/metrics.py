@@ -9,11 +9,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from aiohttp import web
+from falco_api.streams import EventStreams
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-
-from falco_api.streams import EventStreams
 
 
 class StreamsCollector(Collector):

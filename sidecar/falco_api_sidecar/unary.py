@@ -6,7 +6,6 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
-
 from falco_api.contract.falco import version_pb2
 from falco_api.contract.falco.api import unary_pb2_grpc
 from falco_api.servicers import VersionServicer

@@ -51,7 +51,11 @@ def falco_time(time_ns: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{nanos:09d}Z"
 
 
-_PROCESSES = [("bash", "/bin/bash", "containerd-shim"), ("sh", "/bin/sh", "runc"), ("cat", "/usr/bin/cat", "bash")]
+_PROCESSES = [
+    ("bash", "/bin/bash", "containerd-shim"),
+    ("sh", "/bin/sh", "runc"),
+    ("cat", "/usr/bin/cat", "bash"),
+]
 
 # (rule, priority, tags, output template) for a few rules of the public stable ruleset.
 _RULES = [
@@ -102,8 +106,12 @@ def rule_alert(hostname: str, *, index: int, time_ns: int | None = None) -> dict
     }
     text_time = falco_time(time_ns)
     output = template.format(
-        evt_type=fields["evt.type"], user="root", proc=proc, cmdline=fields["proc.cmdline"],
-        tty=fields["proc.tty"], exe=exe,
+        evt_type=fields["evt.type"],
+        user="root",
+        proc=proc,
+        cmdline=fields["proc.cmdline"],
+        tty=fields["proc.tty"],
+        exe=exe,
     )
     return {
         "hostname": hostname,
@@ -148,8 +156,9 @@ def syscall_drop_alert(hostname: str, *, n_drops: int, time_ns: int | None = Non
     }
 
 
-def metrics_snapshot_alert(hostname: str, *, outputs_queue_drops: int, num_evts: int,
-                           time_ns: int | None = None) -> dict[str, Any]:
+def metrics_snapshot_alert(
+    hostname: str, *, outputs_queue_drops: int, num_evts: int, time_ns: int | None = None
+) -> dict[str, Any]:
     time_ns = time_ns or time.time_ns()
     return {
         "hostname": hostname,
@@ -178,7 +187,9 @@ def alert_mix(hostname: str) -> Iterator[dict[str, Any]]:
             yield syscall_drop_alert(hostname, n_drops=1 + index % 40)
         elif index % 50 == 49:
             outputs_queue_drops += index % 3
-            yield metrics_snapshot_alert(hostname, outputs_queue_drops=outputs_queue_drops, num_evts=index * 1000)
+            yield metrics_snapshot_alert(
+                hostname, outputs_queue_drops=outputs_queue_drops, num_evts=index * 1000
+            )
         else:
             yield rule_alert(hostname, index=index)
 
@@ -220,8 +231,13 @@ class AlertPoster:
 class FalcoDouble:
     """Falco's webserver endpoints plus its http_output, runnable in-process or as a program."""
 
-    def __init__(self, *, hostname: str = "falco-double", versions: dict[str, Any] | None = None,
-                 metrics_text: Callable[[], str] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        hostname: str = "falco-double",
+        versions: dict[str, Any] | None = None,
+        metrics_text: Callable[[], str] | None = None,
+    ) -> None:
         self.hostname = hostname
         self.versions = dict(versions or VERSIONS)
         self.healthy = True
@@ -276,7 +292,9 @@ async def _run(args: argparse.Namespace) -> None:
     host, port = split_host_port(args.listen, flag="--listen")
     await double.start(host, port)
     poster = AlertPoster(args.post_url)
-    log.info("Falco double: webserver on %s, posting %.1f alerts/s to %s", args.listen, args.rate, args.post_url)
+    log.info(
+        "Falco double: webserver on %s, posting %.1f alerts/s to %s", args.listen, args.rate, args.post_url
+    )
     try:
         for alert in alert_mix(args.hostname):
             await poster.post(alert)
@@ -287,9 +305,15 @@ async def _run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="falco-double", description=__doc__.splitlines()[0] if __doc__ else "")
-    parser.add_argument("--listen", default="127.0.0.1:8765", help="webserver host:port (default: %(default)s)")
-    parser.add_argument("--post-url", default="http://127.0.0.1:2801/", help="http_output.url (default: %(default)s)")
+    parser = argparse.ArgumentParser(
+        prog="falco-double", description=__doc__.splitlines()[0] if __doc__ else ""
+    )
+    parser.add_argument(
+        "--listen", default="127.0.0.1:8765", help="webserver host:port (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--post-url", default="http://127.0.0.1:2801/", help="http_output.url (default: %(default)s)"
+    )
     parser.add_argument("--rate", type=float, default=2.0, help="alerts per second (default: %(default)s)")
     parser.add_argument("--hostname", default=socket.gethostname(), help="hostname in alerts")
     args = parser.parse_args(argv)
