@@ -75,7 +75,9 @@ class Rendered:
 
     def one(self, kind: str, name_suffix: str = "") -> dict[str, Any]:
         found = [doc for doc in self.kinds(kind) if doc["metadata"]["name"].endswith(name_suffix)]
-        assert len(found) == 1, f"expected one {kind} named *{name_suffix}, found {[d['metadata']['name'] for d in found]}"
+        assert len(found) == 1, (
+            f"expected one {kind} named *{name_suffix}, found {[d['metadata']['name'] for d in found]}"
+        )
         return found[0]
 
     def has(self, kind: str, name_suffix: str = "") -> bool:

@@ -37,7 +37,9 @@ def test_every_manifest_validates_against_kubernetes_schemas(scenario: tuple[str
         try:
             _validate(doc)
         except kubernetes_validate.ValidationError as error:
-            pytest.fail(f"[{name}] {doc['kind']}/{doc['metadata']['name']}: {error.message} at {list(error.path)}")
+            pytest.fail(
+                f"[{name}] {doc['kind']}/{doc['metadata']['name']}: {error.message} at {list(error.path)}"
+            )
         checked += 1
     assert checked >= 8, f"[{name}] only {checked} manifests validated"
 

@@ -10,7 +10,9 @@ import yaml
 
 from .chart import NAMESPACE, SCENARIOS, Rendered, render
 
-x509 = pytest.importorskip("cryptography.x509", reason="cryptography is needed to inspect generated certificates")
+x509 = pytest.importorskip(
+    "cryptography.x509", reason="cryptography is needed to inspect generated certificates"
+)
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa  # noqa: E402
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: E402
 
@@ -40,7 +42,9 @@ def test_rbac_has_no_wildcards(scenario_name: str) -> None:
         for role in rendered.kinds(kind):
             for rule in role["rules"]:
                 for field in ("verbs", "resources", "apiGroups", "resourceNames"):
-                    assert "*" not in rule.get(field, []), f"{kind}/{role['metadata']['name']}: {field} {rule}"
+                    assert "*" not in rule.get(field, []), (
+                        f"{kind}/{role['metadata']['name']}: {field} {rule}"
+                    )
                 assert "nonResourceURLs" not in rule
 
 
@@ -58,7 +62,9 @@ def test_operator_cluster_role_is_least_privilege() -> None:
     assert not _grants(rules, "secrets")
     assert not _grants(rules, "clusterkopfpeerings"), "no peering rights with a single replica"
     for rule in rules:
-        assert not {"delete", "deletecollection", "create", "update"} & set(rule["verbs"]) or rule["resources"] in (
+        assert not {"delete", "deletecollection", "create", "update"} & set(rule["verbs"]) or rule[
+            "resources"
+        ] in (
             ["events"],
             ["falcorules/finalizers", "falcoconfigs/finalizers"],
         ), rule
@@ -71,7 +77,11 @@ def test_pods_are_read_through_a_namespaced_role_only(component: str) -> None:
     assert role["metadata"]["namespace"] == NAMESPACE
     assert _grants(role["rules"], "pods") == {"get", "list", "watch"}
     binding = rendered.one("RoleBinding", f"-{component}")
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
     (subject,) = binding["subjects"]
     assert subject == {"kind": "ServiceAccount", "name": f"fa-falco-api-{component}", "namespace": NAMESPACE}
     for cluster_role in rendered.kinds("ClusterRole"):
@@ -85,13 +95,17 @@ def test_relay_has_no_cluster_wide_rights() -> None:
 
 
 @pytest.mark.parametrize(
-    "values", [{"operator": {"replicas": 2}}, {"operator": {"peering": {"enabled": True}}}], ids=["replicas", "flag"]
+    "values",
+    [{"operator": {"replicas": 2}}, {"operator": {"peering": {"enabled": True}}}],
+    ids=["replicas", "flag"],
 )
 def test_peering_rights_come_with_peering(values: dict[str, Any]) -> None:
     rendered = render(values)
     cluster_rules = _rules(rendered, "ClusterRole", "-operator")
     assert _grants(cluster_rules, "clusterkopfpeerings") == {"get", "list", "watch", "patch"}
-    peering_groups = {g for r in cluster_rules if "clusterkopfpeerings" in r["resources"] for g in r["apiGroups"]}
+    peering_groups = {
+        g for r in cluster_rules if "clusterkopfpeerings" in r["resources"] for g in r["apiGroups"]
+    }
     assert peering_groups == {"kopf.dev", "zalando.org"}
     assert _grants(_rules(rendered, "Role", "-operator"), "kopfpeerings") == {"get", "list", "watch", "patch"}
 
@@ -111,7 +125,10 @@ def test_sidecar_port_is_open_to_the_operator_and_relay_only() -> None:
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     by_port = {rule["ports"][0]["port"]: rule for rule in policy["spec"]["ingress"]}
     assert set(by_port) == {"falco-api", "metrics"}
-    grpc_from = [peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for peer in by_port["falco-api"]["from"]]
+    grpc_from = [
+        peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
+        for peer in by_port["falco-api"]["from"]
+    ]
     assert grpc_from == ["operator", "relay"]
     for peer in by_port["falco-api"]["from"]:
         assert "namespaceSelector" not in peer, "same-namespace pods only"
@@ -139,7 +156,9 @@ def test_metrics_namespaces_are_values() -> None:
 def test_without_relay_only_the_operator_reaches_the_sidecar() -> None:
     policy = render({"relay": {"enabled": False}}).one("NetworkPolicy", "-sidecar")
     grpc_rule = next(rule for rule in policy["spec"]["ingress"] if rule["ports"][0]["port"] == "falco-api")
-    assert [p["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for p in grpc_rule["from"]] == ["operator"]
+    assert [p["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for p in grpc_rule["from"]] == [
+        "operator"
+    ]
 
 
 # --- authz -------------------------------------------------------------------------------------------
@@ -161,7 +180,10 @@ def test_authz_maps_operator_to_writer_and_relay_to_reader() -> None:
 
 
 def _cert_manager_certificates(rendered: Rendered) -> dict[str, dict[str, Any]]:
-    return {doc["metadata"]["name"].removeprefix("fa-falco-api-"): doc["spec"] for doc in rendered.kinds("Certificate")}
+    return {
+        doc["metadata"]["name"].removeprefix("fa-falco-api-"): doc["spec"]
+        for doc in rendered.kinds("Certificate")
+    }
 
 
 def test_cert_manager_issues_every_certificate_from_the_chart_ca() -> None:
@@ -169,7 +191,11 @@ def test_cert_manager_issues_every_certificate_from_the_chart_ca() -> None:
     assert set(certs) == {"ca", "sidecar", "operator", "relay", "webhook"}
     assert certs["ca"]["isCA"] is True
     for name in ("sidecar", "operator", "relay", "webhook"):
-        assert certs[name]["issuerRef"] == {"name": "fa-falco-api-ca", "kind": "Issuer", "group": "cert-manager.io"}
+        assert certs[name]["issuerRef"] == {
+            "name": "fa-falco-api-ca",
+            "kind": "Issuer",
+            "group": "cert-manager.io",
+        }
         assert certs[name]["secretName"] == f"fa-falco-api-{name}-tls"
     assert certs["operator"]["commonName"] == "falco-api-operator"
     assert certs["relay"]["commonName"] == "falco-api-relay"
@@ -192,7 +218,9 @@ def _load(secret: dict[str, Any], key: str) -> Any:
 def _verify_signed_by(cert: Any, ca: Any) -> None:
     public_key = ca.public_key()
     if isinstance(public_key, rsa.RSAPublicKey):
-        public_key.verify(cert.signature, cert.tbs_certificate_bytes, padding.PKCS1v15(), cert.signature_hash_algorithm)
+        public_key.verify(
+            cert.signature, cert.tbs_certificate_bytes, padding.PKCS1v15(), cert.signature_hash_algorithm
+        )
     else:
         assert isinstance(public_key, ec.EllipticCurvePublicKey)
         public_key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm))

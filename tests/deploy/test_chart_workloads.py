@@ -103,7 +103,11 @@ def test_falco_pods_carry_the_discovery_label() -> None:
     assert labels["app.kubernetes.io/component"] == "falco"
     # Helm merges maps with the defaults: null removes the default label.
     custom = render(
-        {"discovery": {"sidecarSelector": {"falco-api.io/sidecar": "yes", "app.kubernetes.io/component": None}}}
+        {
+            "discovery": {
+                "sidecarSelector": {"falco-api.io/sidecar": "yes", "app.kubernetes.io/component": None}
+            }
+        }
     )
     custom_labels = custom.one("DaemonSet")["spec"]["template"]["metadata"]["labels"]
     assert custom_labels["falco-api.io/sidecar"] == "yes"
@@ -253,6 +257,7 @@ def test_operator_args() -> None:
     assert flag(args, "--webhook-cert") == "/etc/falco-api/webhook/tls.crt"
     assert flag(args, "--webhook-key") == "/etc/falco-api/webhook/tls.key"
     assert flag(args, "--liveness") == "http://0.0.0.0:8080/healthz"
+    assert "--no-manage-webhook-configuration" in args, "the chart owns the webhook configuration"
     assert "--peering" not in args
 
 
@@ -264,17 +269,20 @@ def test_operator_replicas_turn_on_peering() -> None:
     deployment = double.one("Deployment", "-operator")
     assert deployment["spec"]["replicas"] == 2
     assert flag(container(_pod_spec(deployment), "operator")["args"], "--peering") == "falco-api"
-    peering = double.one("ClusterKopfPeering")
-    assert peering["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
-    assert double.has("CustomResourceDefinition", "clusterkopfpeerings.kopf.dev")
+    assert double.one("ClusterKopfPeering")["metadata"]["name"] == "falco-api"
 
 
 def test_operator_mounts_the_certificates_its_args_name() -> None:
     pod = _pod_spec(render().one("Deployment", "-operator"))
     mounts = _mounts(container(pod, "operator"))
     volumes = _volumes(pod)
-    assert volumes[mounts["/etc/falco-api/tls"]["name"]]["secret"]["secretName"] == "fa-falco-api-operator-tls"
-    assert volumes[mounts["/etc/falco-api/webhook"]["name"]]["secret"]["secretName"] == "fa-falco-api-webhook-tls"
+    assert (
+        volumes[mounts["/etc/falco-api/tls"]["name"]]["secret"]["secretName"] == "fa-falco-api-operator-tls"
+    )
+    assert (
+        volumes[mounts["/etc/falco-api/webhook"]["name"]]["secret"]["secretName"]
+        == "fa-falco-api-webhook-tls"
+    )
 
 
 # --- relay -------------------------------------------------------------------------------------------
@@ -307,7 +315,10 @@ def test_webhook_configuration() -> None:
     config = rendered.one("ValidatingWebhookConfiguration")
     hooks = {hook["name"]: hook for hook in config["webhooks"]}
     assert set(hooks) == {"falcorules.falcoapi.io", "falcoconfigs.falcoapi.io"}
-    for plural, hook in (("falcorules", hooks["falcorules.falcoapi.io"]), ("falcoconfigs", hooks["falcoconfigs.falcoapi.io"])):
+    for plural, hook in (
+        ("falcorules", hooks["falcorules.falcoapi.io"]),
+        ("falcoconfigs", hooks["falcoconfigs.falcoapi.io"]),
+    ):
         assert hook["failurePolicy"] == "Fail"
         assert hook["sideEffects"] == "None"
         assert hook["timeoutSeconds"] == 10
@@ -316,6 +327,8 @@ def test_webhook_configuration() -> None:
         assert rule["resources"] == [plural]
         assert rule["apiGroups"] == ["falcoapi.io"] and rule["apiVersions"] == ["v1alpha1"]
         assert hook["clientConfig"]["service"]["port"] == 443
+        # kopf serves a handler at /<handler id>: the operator's are validate-falcorule, validate-falcoconfig.
+        assert hook["clientConfig"]["service"]["path"] == f"/validate-{plural.removesuffix('s')}"
         assert hook["clientConfig"]["service"]["name"] == "fa-falco-api-operator-webhook"
     service = rendered.one("Service", "-operator-webhook")
     (port,) = service["spec"]["ports"]
@@ -334,5 +347,8 @@ def test_webhook_policy_and_timeout_are_values() -> None:
 
 def test_webhook_ca_comes_from_cert_manager_when_enabled() -> None:
     config = render().one("ValidatingWebhookConfiguration")
-    assert config["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == f"{NAMESPACE}/fa-falco-api-webhook"
+    assert (
+        config["metadata"]["annotations"]["cert-manager.io/inject-ca-from"]
+        == f"{NAMESPACE}/fa-falco-api-webhook"
+    )
     assert all("caBundle" not in hook["clientConfig"] for hook in config["webhooks"])
