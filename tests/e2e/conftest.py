@@ -6,6 +6,7 @@ installed, e.g. by the Helm chart. Set FALCO_API_NAMESPACE (default falco) if Fa
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
 from collections.abc import AsyncIterator
@@ -46,12 +47,20 @@ class Cluster:
         return data
 
 
+# tests/conftest.py removes KUBECONFIG from the environment at import (so that unit tests never
+# reach a real cluster); it is captured here before that when this file is imported first, and
+# FALCO_API_E2E_KUBECONFIG always works.
+_KUBECONFIG_AT_IMPORT = os.environ.get("KUBECONFIG")
+
+
 @pytest.fixture
-async def cluster() -> AsyncIterator[Cluster]:
-    if not os.environ.get("KUBECONFIG"):
-        pytest.skip("KUBECONFIG is not set: no real cluster to run the e2e tests against")
+async def cluster(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Cluster]:
+    path = os.environ.get("FALCO_API_E2E_KUBECONFIG") or os.environ.get("KUBECONFIG") or _KUBECONFIG_AT_IMPORT
+    if not path:
+        pytest.skip("neither FALCO_API_E2E_KUBECONFIG nor KUBECONFIG is set: no real cluster to test against")
+    monkeypatch.setenv("KUBECONFIG", path)
     try:
-        info = kopf.login_with_kubeconfig(logger=None)  # type: ignore[arg-type]
+        info = kopf.login_with_kubeconfig(logger=logging.getLogger("e2e"), settings=kopf.OperatorSettings())
     except Exception as error:  # any unreadable kubeconfig is a reason to skip, not to fail
         pytest.skip(f"KUBECONFIG is not usable: {error}")
     if info is None:
