@@ -164,16 +164,33 @@ def test_without_relay_only_the_operator_reaches_the_sidecar() -> None:
 # --- authz -------------------------------------------------------------------------------------------
 
 
+def _authz(values: dict[str, Any] | None = None) -> str:
+    text: str = render(values).one("ConfigMap", "-authz")["data"]["authz.yaml"]
+    return text
+
+
 def test_authz_maps_operator_to_writer_and_relay_to_reader() -> None:
-    rendered = render({"authz": {"extraIdentities": [{"commonName": "siem", "role": "reader"}]}})
-    authz = yaml.safe_load(rendered.one("ConfigMap", "-authz")["data"]["authz.yaml"])
-    assert authz == {
-        "identities": [
-            {"commonName": "falco-api-operator", "role": "writer"},
-            {"commonName": "falco-api-relay", "role": "reader"},
-            {"commonName": "siem", "role": "reader"},
-        ]
+    extra = [
+        {"commonName": "siem", "role": "reader"},
+        {"commonName": "audit-forwarder", "role": "injector"},
+        {"commonName": "falco-api-relay", "role": "reader"},
+    ]
+    assert yaml.safe_load(_authz({"authz": {"extraIdentities": extra}})) == {
+        "roles": {
+            "injector": ["audit-forwarder"],
+            "reader": ["falco-api-relay", "siem"],
+            "writer": ["falco-api-operator"],
+        }
     }
+
+
+def test_the_sidecar_accepts_the_rendered_authz_config() -> None:
+    authz = pytest.importorskip("falco_api_sidecar.authz")
+    policy = authz.parse_authz_config(
+        _authz({"authz": {"extraIdentities": [{"commonName": "siem", "role": "reader"}]}}), source="chart"
+    )
+    assert policy.grants[authz.Role.WRITER] == frozenset({"falco-api-operator"})
+    assert policy.grants[authz.Role.READER] == frozenset({"falco-api-relay", "siem"})
 
 
 # --- certificates ------------------------------------------------------------------------------------
