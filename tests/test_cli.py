@@ -126,3 +126,33 @@ async def test_wrong_certificate_is_explained(pki: Pki, falco_double: object) ->
         assert code == 1 and "cannot reach" in err and "Traceback" not in err
     finally:
         await sidecar.stop()
+
+
+def test_rules_validate(tmp_path: object) -> None:
+    from pathlib import Path
+
+    folder = Path(str(tmp_path))
+    good = folder / "good.yaml"
+    good.write_text("- macro: spawned\n  condition: evt.type = execve\n")
+    bad = folder / "bad.yaml"
+    bad.write_text(
+        "- rule: Broken\n  desc: d\n  condition: spawned and not nowhere_macro\n  output: x\n  priority: WARNING\n"
+    )
+
+    def run(*paths: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "falco_api.cli", "rules", "validate", *map(str, paths)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    ok = run(good)
+    assert ok.returncode == 0 and ok.stdout == "" and "0 error(s)" in ok.stderr
+    broken = run(good, bad)
+    assert broken.returncode == 1
+    assert (
+        f"{bad}:3:" in broken.stdout and "rule 'Broken'" in broken.stdout and "nowhere_macro" in broken.stdout
+    )
+    missing = run(folder / "missing.yaml")
+    assert missing.returncode == 1 and "missing.yaml" in missing.stdout

@@ -18,6 +18,7 @@ from falco_api.alerts import AlertError, parse_priority
 from falco_api.client import describe_rpc_error, priority_name, response_to_falco_json, timestamp_text
 from falco_api.contract.falco import outputs_pb2, version_pb2
 from falco_api.contract.falco.api import drops_pb2, streaming_pb2_grpc, unary_pb2_grpc
+from falco_api.rules import validate_paths
 from falco_api.tls import TlsConfigError, TlsFiles, open_channel
 
 DEFAULT_SERVER = "unix:///run/falco-api/falco-api.sock"
@@ -94,7 +95,35 @@ def build_parser() -> argparse.ArgumentParser:
     drops.add_argument("-f", "--follow", action="store_true", help="keep streaming new reports")
     drops.add_argument("--kind", action="append", default=[], choices=sorted(_DROP_KINDS))
     drops.add_argument("-o", "--output", choices=["text", "json"], default="text")
+
+    rules = commands.add_parser("rules", help="Falco rules: validate locally")
+    rules_commands = rules.add_subparsers(dest="rules_command", required=True, metavar="RULES_COMMAND")
+    validate = rules_commands.add_parser(
+        "validate", help="check rules files as Falco's loader would (no server needed); exit 1 on errors"
+    )
+    validate.add_argument(
+        "paths",
+        nargs="+",
+        metavar="FILE",
+        help="rules files or folders, in load order (a folder: its .yaml files, sorted)",
+    )
+    validate.add_argument(
+        "--engine-version", help="Falco's engine version to check required_engine_version against"
+    )
+    validate.add_argument("--falco-binary", help="also run this falco's -V; its verdict is final")
     return parser
+
+
+def validate_rules_command(args: argparse.Namespace, out: TextIO) -> int:
+    """Print every finding as file:line:col: item: message; exit 1 when any is an error."""
+    findings = validate_paths(args.paths, engine_version=args.engine_version, falco_binary=args.falco_binary)
+    for finding in findings:
+        out.write(f"{finding}\n")
+    errors = sum(1 for finding in findings if finding.severity == "error")
+    warnings = len(findings) - errors
+    summary = f"{len(args.paths)} path(s): {errors} error(s), {warnings} warning(s)"
+    print(summary, file=sys.stderr)
+    return 1 if errors else 0
 
 
 def outputs_request(args: argparse.Namespace) -> outputs_pb2.request:
@@ -191,6 +220,8 @@ async def run_command(args: argparse.Namespace, out: TextIO) -> int:
 
 def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "rules" and args.rules_command == "validate":
+        return validate_rules_command(args, out)
     try:
         return asyncio.run(run_command(args, out))
     except (UsageError, TlsConfigError) as error:
