@@ -15,8 +15,10 @@ from falco_api_sidecar.main import Sidecar, SidecarConfig
 from tests.certs import Pki
 
 # kopf logs in through the kubernetes client, which reads KUBECONFIG at import
-# time: no test below may depend on a developer's cluster by accident.
-os.environ.pop("KUBECONFIG", None)
+# time: no test but tests/e2e may depend on a developer's cluster by accident.
+# The e2e tests read the cluster from FALCO_API_E2E_KUBECONFIG instead.
+if "KUBECONFIG" in os.environ:
+    os.environ.setdefault("FALCO_API_E2E_KUBECONFIG", os.environ.pop("KUBECONFIG"))
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
