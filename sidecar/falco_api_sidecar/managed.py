@@ -2,18 +2,24 @@
 
 Layout under the managed root (default /etc/falco/falco-api), see docs/managed-files.md:
 
-    current -> generations/0000000007        the only thing Falco's paths go through
+    falco-api.yaml                           THE file Falco is told about (falco.yaml config_files);
+                                             the managed drop-ins merged, plus `rules_files:` naming
+                                             the current generation's rules folder
     generations/0000000007/rules.d/NN-name.yaml, falco-api-state.yaml
-    generations/0000000007/config.d/NN-name.yaml
+    generations/0000000007/config.d/NN-name.yaml   each drop-in as given (a record; Falco reads the
+                                             merged falco-api.yaml)
     generations/0000000007/index.json        names, orders, hashes, versions (never read by Falco)
     state.json                               Falco's verdicts and the last-known-good generation
 
-An apply builds a complete new generation beside the old one (unchanged files are hard links, so
-their inodes and mtimes stay), renames it into place, swaps `current` with one rename, then pokes
-the folders Falco is watching: Falco's inotify watches were set on the folders `current` pointed to
-when it last started (inotify follows the symlink once), so swapping the symlink alone is invisible
-to it. Every file is written to a temp name, fsynced and renamed, and every folder fsynced, so a
-kill at any instant leaves `current` on either the old or the new complete generation.
+Generations are immutable. An apply builds a complete new generation beside the old ones (unchanged
+files are hard links: their inodes and mtimes stay), then replaces falco-api.yaml with one rename:
+that rename is the commit point and the one change Falco sees (inotify IN_DELETE_SELF on the old
+file's inode). Every read Falco makes is consistent: it reads falco-api.yaml once (old or new, never a
+mix) and then a folder that never changes. A folder swapped behind a symlink would not be: Falco
+lists a folder and opens its files by path afterwards, so a swap between the two mixes generations.
+
+Every file is written to a temp name, fsynced and renamed, and every folder fsynced, so a kill at
+any instant leaves falco-api.yaml naming either the old or the new complete generation.
 
 All methods do blocking file I/O; the async sidecar calls them through asyncio.to_thread. A lock
 serialises them, so concurrent calls are safe.
@@ -39,9 +45,11 @@ from typing import Any, Protocol
 import yaml
 from falco_api.configs import (
     ConfigFinding,
+    ConfigMergeError,
     canonical_dropin_yaml,
     compute_state_sha256,
     content_sha256,
+    merge_dropins,
     read_base_config,
     validate_dropin_set,
 )
@@ -50,7 +58,7 @@ from falco_api.rules.model import RulesFile
 log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = Path("/etc/falco/falco-api")
-CURRENT_LINK = "current"
+LIVE_CONFIG_FILE = "falco-api.yaml"
 GENERATIONS_DIR = "generations"
 RULES_DIR = "rules.d"
 CONFIG_DIR = "config.d"
@@ -67,6 +75,7 @@ _TRIGGER_NAME = ".falco-api-reload"
 _INDEX_FORMAT = 1
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _GENERATION_RE = re.compile(r"[0-9]{10}")
+_RULES_PATH_RE = re.compile(r"(?:^|/)generations/([0-9]{10})/rules\.d/?$")
 MAX_ORDER = 99
 
 
@@ -413,13 +422,6 @@ class _Fs:
         self.step(f"rename {source.name} -> {target.name}")
         os.rename(source, target)
 
-    def symlink_atomic(self, target: str, link: Path) -> None:
-        tmp = link.with_name(f"{_TMP_PREFIX}{link.name}.{secrets.token_hex(4)}")
-        self.step(f"symlink {tmp.name}")
-        os.symlink(target, tmp)
-        self.rename(tmp, link)
-        self.fsync_dir(link.parent)
-
     def poke(self, folder: Path) -> None:
         # A directory, not a file: Falco loads every regular file of a config folder, never a directory.
         trigger = folder / _TRIGGER_NAME
@@ -451,10 +453,18 @@ class ManagedStore:
         config_validator: ConfigValidator | None = None,
         base_config_path: Path | None = None,
         preceding_rules_files: Sequence[Path] = (),
+        falco_root: Path | None = None,
+        gc_grace_s: float = 60.0,
         fault: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.root = Path(root)
+        # Where Falco's container sees the managed root (it may mount the volume elsewhere).
+        self.falco_root = Path(falco_root) if falco_root is not None else self.root
+        # Superseded generations stay this long, so a Falco reload that read the previous
+        # falco-api.yaml can still read the folder it names.
+        self._gc_grace_s = gc_grace_s
+        self._superseded: dict[int, float] = {}
         self._rules_validator: RulesValidator = rules_validator or default_rules_validator
         self._config_validator: ConfigValidator = config_validator or default_config_validator
         self._base_config_path = base_config_path
@@ -477,14 +487,24 @@ class ManagedStore:
     # -- paths Falco must be configured with ------------------------------------------------------
 
     @property
+    def config_file(self) -> Path:
+        """The file to list in falco.yaml `config_files` (as the sidecar sees it)."""
+        return self.root / LIVE_CONFIG_FILE
+
+    @property
+    def falco_config_file(self) -> Path:
+        """The same file as Falco sees it: the entry falco.yaml's `config_files` must hold."""
+        return self.falco_root / LIVE_CONFIG_FILE
+
+    @property
     def rules_dir(self) -> Path:
-        """The folder to list in falco.yaml `rules_files` (through the `current` link)."""
-        return self.root / CURRENT_LINK / RULES_DIR
+        """The current generation's rules folder (read-only; Falco learns it from falco-api.yaml)."""
+        return self._generation_dir(self._current().generation) / RULES_DIR
 
     @property
     def config_dir(self) -> Path:
-        """The folder to list in falco.yaml `config_files` (through the `current` link)."""
-        return self.root / CURRENT_LINK / CONFIG_DIR
+        """The current generation's record of the drop-ins as given (Falco reads falco-api.yaml)."""
+        return self._generation_dir(self._current().generation) / CONFIG_DIR
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -544,6 +564,11 @@ class ManagedStore:
             expected = {i.file_name: i.sha256 for i in state.rules.values()}
             expected[STATE_MARKER_FILE] = content_sha256(state_marker_content(state.state_sha256))
             return expected
+
+    def expected_config_hashes(self) -> dict[str, str]:
+        """file name -> sha256 that Falco's /metrics shows (sha256_config_files_info) once loaded."""
+        with self._lock:
+            return {LIVE_CONFIG_FILE: content_sha256(self._live_config_content(self._current()))}
 
     def state_marker_sha256(self) -> str:
         """The sha256 of the state marker file: seeing it in Falco's metrics means the whole set loaded."""
@@ -858,18 +883,33 @@ class ManagedStore:
         return max([*numbers, self._current().generation]) + 1
 
     def _current_target(self) -> int | None:
-        link = self.root / CURRENT_LINK
-        if not link.is_symlink():
-            if link.exists():
-                raise CorruptStoreError(
-                    f"{link} exists but is not a symlink; move it away (the store owns this path)"
-                )
+        path = self.root / LIVE_CONFIG_FILE
+        try:
+            document = yaml.safe_load(path.read_text("utf-8"))
+        except FileNotFoundError:
             return None
-        target = os.readlink(link)
-        parts = Path(target).parts
-        if len(parts) != 2 or parts[0] != GENERATIONS_DIR or not _GENERATION_RE.fullmatch(parts[1]):
-            raise CorruptStoreError(f"{link} points to {target!r}, which this store did not write")
-        return int(parts[1])
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise CorruptStoreError(f"cannot read {path}: {exc}") from exc
+        entries = document.get("rules_files") if isinstance(document, dict) else None
+        for entry in entries if isinstance(entries, list) else []:
+            match = _RULES_PATH_RE.search(str(entry))
+            if match:
+                return int(match.group(1))
+        raise CorruptStoreError(f"{path} names no managed generation; this store did not write it")
+
+    def _live_config_content(self, state: _State) -> str:
+        dropins = [_parse_config(i.content) for i in state.configs_in_load_order()]
+        try:
+            merged = merge_dropins({}, dropins)
+        except ConfigMergeError as exc:
+            raise ManagedError(f"the managed drop-ins cannot be merged: {exc}") from exc
+        rules_folder = self.falco_root / GENERATIONS_DIR / f"{state.generation:010d}" / RULES_DIR
+        merged["rules_files"] = [str(rules_folder)]
+        header = (
+            f"# Written by the falco-api sidecar: generation {state.generation}, "
+            f"state {state.state_sha256}. Do not edit.\n"
+        )
+        return header + canonical_dropin_yaml(merged)
 
     def _commit(self, old: _State, new: _State) -> None:
         fs = self._fs
@@ -881,13 +921,15 @@ class ManagedStore:
             with contextlib.suppress(Exception):
                 fs.remove_tree(building)
             raise
-        final = self._generation_dir(new.generation)
-        fs.rename(building, final)
+        fs.rename(building, self._generation_dir(new.generation))
         fs.fsync_dir(self._generations)
-        # The commit point: from here on `current` names the new generation.
-        fs.symlink_atomic(f"{GENERATIONS_DIR}/{final.name}", self.root / CURRENT_LINK)
+        # The commit point: from here on falco-api.yaml names the new generation.
+        fs.write_atomic(self.root / LIVE_CONFIG_FILE, self._live_config_content(new).encode("utf-8"))
+        now = self._clock()
+        if old.generation > 0:
+            self._superseded[old.generation] = now
         self._state = new
-        self._statuses[new.generation] = LoadStatus(LoadState.PENDING, "", self._clock())
+        self._statuses[new.generation] = LoadStatus(LoadState.PENDING, "", now)
         self._poke_watched_folders()
         self._save_statuses()
         self._collect_garbage()
@@ -922,12 +964,22 @@ class ManagedStore:
         fs.write_atomic(building / INDEX_FILE, _index_bytes(new))
         fs.fsync_dir(building)
 
-    def _poke_watched_folders(self) -> None:
-        """Make Falco notice the swap: its watches sit on folders of an older generation."""
+    def nudge_falco(self) -> None:
+        """Make Falco reload whatever it runs now (e.g. when its reported hashes match no state).
+
+        Pokes every generation's folders, the current one included: Falco watches the folders of
+        the generation it last loaded, and an empty directory made and removed there is an event
+        that loads nothing.
+        """
+        with self._lock:
+            self._poke_watched_folders(include_current=True)
+
+    def _poke_watched_folders(self, *, include_current: bool = False) -> None:
+        """Besides the falco-api.yaml rename, poke the folders Falco may be watching."""
         current = self._current().generation
         for number in self._generation_numbers():
             folder = self._generation_dir(number)
-            if number == current or not folder.is_dir():
+            if (number == current and not include_current) or not folder.is_dir():
                 continue
             for sub in (RULES_DIR, CONFIG_DIR):
                 if (folder / sub).is_dir():
@@ -937,6 +989,9 @@ class ManagedStore:
         keep = {self._current().generation}
         if self._last_good is not None:
             keep.add(self._last_good)
+        now = self._clock()
+        keep |= {n for n, since in self._superseded.items() if now - since < self._gc_grace_s}
+        self._superseded = {n: since for n, since in self._superseded.items() if n in keep}
         for number in self._generation_numbers():
             folder = self._generation_dir(number)
             if number not in keep and folder.is_dir():
@@ -948,6 +1003,7 @@ class ManagedStore:
         document = {
             "format": _INDEX_FORMAT,
             "last_good": self._last_good,
+            "superseded": {str(n): since for n, since in sorted(self._superseded.items())},
             "statuses": {
                 str(n): {"state": s.state.value, "message": s.message, "since": s.since}
                 for n, s in sorted(self._statuses.items())
@@ -966,6 +1022,7 @@ class ManagedStore:
                 )
                 for n, s in document.get("statuses", {}).items()
             }
+            superseded = {int(n): float(t) for n, t in document.get("superseded", {}).items()}
         except FileNotFoundError:
             return
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -976,6 +1033,7 @@ class ManagedStore:
             last_good if isinstance(last_good, int) and not isinstance(last_good, bool) else None
         )
         self._statuses = statuses
+        self._superseded = superseded
 
     def _read_generation(self, generation: int) -> _State:
         folder = self._generation_dir(generation)
@@ -1034,16 +1092,19 @@ class ManagedStore:
             if target is None:
                 complete = [n for n in self._generation_numbers() if self._generation_dir(n).is_dir()]
                 if complete:
-                    # Killed between renaming the very first generation into place and linking it.
+                    # Killed between renaming the very first generation into place and naming it.
                     target = complete[-1]
-                    self._fs.symlink_atomic(f"{GENERATIONS_DIR}/{target:010d}", self.root / CURRENT_LINK)
+                    self._state = self._read_generation(target)
+                    self._fs.write_atomic(
+                        self.root / LIVE_CONFIG_FILE, self._live_config_content(self._state).encode("utf-8")
+                    )
                 else:
                     self._create_initial_generation()
                     created = True
                     target = self._current().generation
             if not self._generation_dir(target).is_dir():
                 raise CorruptStoreError(
-                    f"{self.root / CURRENT_LINK} points to generation {target}, which does not exist"
+                    f"{self.root / LIVE_CONFIG_FILE} names generation {target}, which does not exist"
                 )
             if not created:
                 self._state = self._read_generation(target)
@@ -1054,7 +1115,7 @@ class ManagedStore:
                         os.rmdir(trigger)
             if self._last_good is not None and not self._generation_dir(self._last_good).is_dir():
                 self._last_good = None
-            # Killed after the swap but before poking Falco: poke now (harmless if it already reloaded).
+            # Killed after the commit but before poking Falco: poke now (harmless if it already reloaded).
             triggered = self._last_good != target
             if triggered:
                 self._poke_watched_folders()
