@@ -183,6 +183,13 @@ def test_managed_paths_are_values() -> None:
     assert "/var/falco-api" in _mounts(_sidecar(rendered))
 
 
+def test_managed_layout_where_the_drop_in_names_the_rules() -> None:
+    rendered = render({"managed": {"rulesDir": "", "configDir": "/etc/falco/falco-api/falco-api.yaml"}})
+    config = falco_yaml(rendered)
+    assert config["rules_files"] == ["/etc/falco/falco_rules.yaml"]
+    assert config["config_files"] == ["/etc/falco/falco-api/falco-api.yaml"]
+
+
 def test_user_config_merges_but_cannot_unwire_the_sidecar() -> None:
     config = falco_yaml(
         render({"falco": {"config": {"priority": "warning", "http_output": {"url": "http://elsewhere/"}}}})

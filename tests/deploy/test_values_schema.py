@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from typing import Any
 
@@ -97,3 +98,15 @@ def test_schema_knows_every_default_value() -> None:
             walk(value, schema_node["properties"][key], f"{path}{key}.")
 
     walk(values, schema, "")
+
+
+def test_committed_schema_is_the_generators_output() -> None:
+    generator = CHART_DIR.parent / "tools" / "gen_values_schema.py"
+    spec = importlib.util.spec_from_file_location("gen_values_schema", generator)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    committed = (CHART_DIR / "values.schema.json").read_text(encoding="utf-8")
+    assert committed == module.render_schema(), (
+        f"values.schema.json is stale: run .venv/bin/python {generator}"
+    )

@@ -261,7 +261,9 @@ rules_files:
   {{- range .Values.falco.rulesFiles }}
   - {{ . }}
   {{- end }}
-  - {{ .Values.managed.rulesDir }}
+  {{- with .Values.managed.rulesDir }}
+  - {{ . }}
+  {{- end }}
 config_files:
   - {{ .Values.managed.configDir }}
 watch_config_files: true
@@ -389,7 +391,7 @@ since that chart's kubelet probes call it.
 {{- define "falco-api.falcoChartValues" -}}
 {{- $wiring := fromYaml (include "falco-api.falcoWiring" .) }}
 {{- $_ := unset $wiring.webserver "listen_address" }}
-{{- $_ = set $wiring "rules_files" (concat (list "/etc/falco/falco_rules.yaml" "/etc/falco/falco_rules.local.yaml" "/etc/falco/rules.d") (list .Values.managed.rulesDir)) }}
+{{- $_ = set $wiring "rules_files" (concat (list "/etc/falco/falco_rules.yaml" "/etc/falco/falco_rules.local.yaml" "/etc/falco/rules.d") (compact (list .Values.managed.rulesDir))) }}
 {{- $_ = set $wiring "config_files" (list "/etc/falco/config.d" .Values.managed.configDir) }}
 {{- $sidecar := fromYaml (include "falco-api.sidecarContainer" .) }}
 {{- $_ = set $sidecar "restartPolicy" "Always" }}
