@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
@@ -43,7 +44,9 @@ class FakeClock:
 
 def refuses(marker: str):  # type: ignore[no-untyped-def]
     def validator(files: Sequence[RulesFile]) -> list[Finding]:
-        return [Finding(f.name, "rule", "r", 2, 3, f"refused by {marker}") for f in files if marker in f.content]
+        return [
+            Finding(f.name, "rule", "r", 2, 3, f"refused by {marker}") for f in files if marker in f.content
+        ]
 
     return validator
 
@@ -86,7 +89,11 @@ def test_start_loads_folders_in_order_and_reports_hashes(plain: tuple[Path, Path
     loaded = model.start()
     assert list(model.loaded_rules_files()) == [str(rules / "10-a.yaml"), str(rules / "20-b.yaml")]
     assert list(model.loaded_config_files()) == [str(main), str(config / "10-x.yaml")]
-    assert loaded.effective_config == {"priority": "notice", "load_plugins": ["json"]}
+    assert loaded.effective_config == {
+        "priority": "notice",
+        "load_plugins": ["json"],
+        "rules_files": [str(rules)],
+    }
     text = model.metrics_text()
     sha_a = model.loaded_rules_files()[str(rules / "10-a.yaml")]
     assert f'falcosecurity_falco_sha256_rules_files_info{{file_name="10-a.yaml",sha256="{sha_a}"}} 1' in text
@@ -143,7 +150,13 @@ def test_events_during_the_wait_start_the_debounce_over(plain: tuple[Path, Path,
 def test_a_refused_reload_keeps_the_old_set_and_alerts(plain: tuple[Path, Path, Path]) -> None:
     clock = FakeClock()
     received: list[dict[str, Any]] = []
-    model = make(plain, clock, on_alert=received.append, hostname="node-1", wall_clock_ns=lambda: 1_700_000_000_123_456_789)
+    model = make(
+        plain,
+        clock,
+        on_alert=received.append,
+        hostname="node-1",
+        wall_clock_ns=lambda: 1_700_000_000_123_456_789,
+    )
     model.start()
     before = model.loaded_rules_files()
     (plain[0] / "20-b.yaml").write_text("INVALID\n")
@@ -198,7 +211,9 @@ def test_swapping_a_symlink_alone_is_invisible_to_falco(tmp_path: Path) -> None:
         (tmp_path / gen / "rules.d" / "10-x.yaml").write_text(content)
     (tmp_path / "current").symlink_to("g1")
     clock = FakeClock()
-    model = FalcoReloadModel([str(tmp_path / "current" / "rules.d")], clock=clock, rules_validator=refuses("INVALID"))
+    model = FalcoReloadModel(
+        [str(tmp_path / "current" / "rules.d")], clock=clock, rules_validator=refuses("INVALID")
+    )
     model.start()
     (tmp_path / "next").symlink_to("g2")
     os.rename(tmp_path / "next", tmp_path / "current")
@@ -238,13 +253,22 @@ def store_and_model(tmp_path: Path, clock: Any, **kwargs: Any) -> tuple[ManagedS
     main.write_text("priority: debug\n")
     kwargs.setdefault("rules_validator", refuses("INVALID"))
     model = FalcoReloadModel(
-        [str(tmp_path / "falco_rules.yaml"), str(store.rules_dir)],
-        [store.config_dir],
+        [str(tmp_path / "falco_rules.yaml")],
+        [store.config_file],
         main_config=main,
         clock=clock,
         **kwargs,
     )
     return store, model
+
+
+def sha_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def config_hashes(text: str) -> dict[str, str]:
+    pattern = r'falcosecurity_falco_sha256_config_files_info\{file_name="([^"]+)",sha256="([0-9a-f]+)"\} 1'
+    return dict(re.findall(pattern, text))
 
 
 def metrics_hashes(text: str) -> dict[str, str]:
@@ -265,7 +289,10 @@ def test_the_store_is_loaded_in_one_reload_and_confirmed_by_hash(tmp_path: Path)
     reported = metrics_hashes(model.metrics_text())
     assert reported[STATE_MARKER_FILE] == store.state_marker_sha256()
     assert store.expected_rules_hashes().items() <= reported.items()
-    assert model.loaded.effective_config == {"priority": "notice"}  # type: ignore[union-attr]
+    assert model.loaded.effective_config["priority"] == "notice"  # type: ignore[union-attr]
+    assert config_hashes(model.metrics_text()) == {"falco.yaml": sha_of(tmp_path / "falco.yaml")} | dict(
+        store.expected_config_hashes()
+    )
     store.mark_loaded(store.generation)
     assert store.get_ruleset("a").status.state is LoadState.LOADED
     # A second change, after GC removed the generation Falco was watching, is still seen.
@@ -275,11 +302,41 @@ def test_the_store_is_loaded_in_one_reload_and_confirmed_by_hash(tmp_path: Path)
     model.close()
 
 
+def test_replacing_falco_api_yaml_alone_is_seen(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The commit's rename deletes the inode Falco watches (IN_DELETE_SELF): enough without pokes."""
+    monkeypatch.setattr("falco_api_sidecar.managed._Fs.poke", lambda self, folder: None)
+    clock = FakeClock()
+    store, model = store_and_model(tmp_path, clock)
+    model.start()
+    for i in range(3):
+        store.put_ruleset("a", f"# {i}\n" + RULE_A, 10)
+        settle(model, clock)
+        assert metrics_hashes(model.metrics_text())[STATE_MARKER_FILE] == store.state_marker_sha256()
+    assert model.reload_count == 3
+    model.close()
+
+
+def test_nudge_makes_falco_reload_what_it_runs(tmp_path: Path) -> None:
+    clock = FakeClock()
+    store, model = store_and_model(tmp_path, clock)
+    model.start()
+    store.put_ruleset("a", RULE_A, 10)
+    settle(model, clock)
+    before = model.loaded_rules_files()
+    store.nudge_falco()
+    settle(model, clock)
+    assert model.reload_count == 2
+    assert model.loaded_rules_files() == before
+    model.close()
+
+
 def test_falco_refuses_then_the_store_rolls_back(tmp_path: Path) -> None:
     clock = FakeClock()
     alerts: list[dict[str, Any]] = []
     # Falco is stricter than the store's validator here (e.g. a plugin it lacks).
-    store, model = store_and_model(tmp_path, clock, rules_validator=refuses("NEEDS_PLUGIN"), on_alert=alerts.append)
+    store, model = store_and_model(
+        tmp_path, clock, rules_validator=refuses("NEEDS_PLUGIN"), on_alert=alerts.append
+    )
     model.start()
     store.put_ruleset("a", RULE_A, 10)
     settle(model, clock)
@@ -299,17 +356,17 @@ def test_falco_refuses_then_the_store_rolls_back(tmp_path: Path) -> None:
 
 
 def views_of(store: ManagedStore) -> tuple[frozenset[tuple[str, str]], frozenset[tuple[str, str]]]:
-    rules = frozenset(store.expected_rules_hashes().items())
-    configs = frozenset((c.file_name, c.sha256) for c in store.list_configs())
-    return rules, configs
+    return frozenset(store.expected_rules_hashes().items()), frozenset(store.expected_config_hashes().items())
 
 
-def loaded_views(loaded: LoadedSet, store: ManagedStore) -> tuple[frozenset[tuple[str, str]], frozenset[tuple[str, str]]]:
-    rules_prefix = str(store.rules_dir) + os.sep
-    config_prefix = str(store.config_dir) + os.sep
-    rules = frozenset((p[len(rules_prefix) :], s) for p, s in loaded.rules_files.items() if p.startswith(rules_prefix))
+def loaded_views(loaded: LoadedSet) -> tuple[frozenset[tuple[str, str]], frozenset[tuple[str, str]]]:
+    """The managed part of what the double loaded, named like Falco's /metrics labels."""
+    managed_rules = re.compile(r"/generations/[0-9]{10}/rules\.d/[^/]+$")
+    rules = frozenset(
+        (os.path.basename(p), h) for p, h in loaded.rules_files.items() if managed_rules.search(p)
+    )
     configs = frozenset(
-        (p[len(config_prefix) :], s) for p, s in loaded.config_files.items() if p.startswith(config_prefix)
+        (os.path.basename(p), h) for p, h in loaded.config_files.items() if p.endswith("/falco-api.yaml")
     )
     return rules, configs
 
@@ -324,6 +381,7 @@ def test_falco_never_loads_a_mix_while_the_store_applies(tmp_path: Path) -> None
     def falco_watcher() -> None:
         while not stop.is_set():
             model.poll_once()
+            time.sleep(0.0005)  # a tight loop, but one that lets the writer have the GIL
 
     watcher = threading.Thread(target=falco_watcher)
     watcher.start()
@@ -332,8 +390,15 @@ def test_falco_never_loads_a_mix_while_the_store_applies(tmp_path: Path) -> None
         for i in range(200):
             names = rng.sample(["a", "b", "c", "d", "e"], rng.randint(0, 5))
             store.apply(
-                [RulesetSpec(n, f"# {n} {rng.randint(0, 3)}\n" + RULE_A.replace("a_macro", f"{n}_macro"), 10) for n in names],
-                [ConfigSpec("tune", {"priority": rng.choice(["debug", "notice", "error"])}, 10)] if i % 3 else [],
+                [
+                    RulesetSpec(
+                        n, f"# {n} {rng.randint(0, 3)}\n" + RULE_A.replace("a_macro", f"{n}_macro"), 10
+                    )
+                    for n in names
+                ],
+                [ConfigSpec("tune", {"priority": rng.choice(["debug", "notice", "error"])}, 10)]
+                if i % 3
+                else [],
             )
             rules_view, configs_view = views_of(store)
             applied_rules.add(rules_view)
@@ -343,7 +408,7 @@ def test_falco_never_loads_a_mix_while_the_store_applies(tmp_path: Path) -> None
             time.sleep(rng.random() * 0.012)
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
-            if model.loaded and loaded_views(model.loaded, store) == views_of(store):
+            if model.loaded and loaded_views(model.loaded) == views_of(store):
                 break
             time.sleep(0.01)
     finally:
@@ -352,7 +417,7 @@ def test_falco_never_loads_a_mix_while_the_store_applies(tmp_path: Path) -> None
         model.close()
     assert model.reload_count >= 10, "the double reloaded during the applies"
     for loaded in model.load_history:
-        rules_view, configs_view = loaded_views(loaded, store)
+        rules_view, configs_view = loaded_views(loaded)
         assert rules_view in applied_rules, "Falco loaded a rules folder that was never applied"
         assert configs_view in applied_configs, "Falco loaded a config folder that was never applied"
-    assert loaded_views(model.loaded, store) == views_of(store)  # type: ignore[arg-type]
+    assert loaded_views(model.loaded) == views_of(store)  # type: ignore[arg-type]

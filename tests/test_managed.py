@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from falco_api.configs import ConfigFinding
 from falco_api.rules.model import Finding, RulesFile
 from falco_api_sidecar.managed import (
@@ -407,7 +408,7 @@ def test_the_previous_generations_folders_are_poked(tmp_path: Path) -> None:
     s = open_store(tmp_path / "m", fault=steps.append)
     steps.clear()
     s.put_ruleset("a", RULE_A, 10)
-    assert "poke 0000000001/rules.d" in steps and "poke 0000000001/config.d" in steps
+    assert "poke 0000000001/rules.d" in steps
     assert not any(step.startswith("poke 0000000002") for step in steps)
     # The trigger leaves nothing behind that Falco could load.
     assert not any(

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import yaml
+
 from falco_api.configs import (
     ConfigFinding,
     ConfigMergeError,
@@ -930,7 +931,10 @@ class ManagedStore:
             self._superseded[old.generation] = now
         self._state = new
         self._statuses[new.generation] = LoadStatus(LoadState.PENDING, "", now)
-        self._poke_watched_folders()
+        # Replacing falco-api.yaml is the event Falco reacts to (its old inode is deleted). The
+        # rules folder Falco loaded last is poked too, in case Falco's watch on that file was set
+        # up on a newer inode than the one it read.
+        self._poke_rules_folders([old.generation, *([self._last_good] if self._last_good else [])])
         self._save_statuses()
         self._collect_garbage()
 
@@ -965,25 +969,22 @@ class ManagedStore:
         fs.fsync_dir(building)
 
     def nudge_falco(self) -> None:
-        """Make Falco reload whatever it runs now (e.g. when its reported hashes match no state).
+        """Make Falco reload what it should run now (e.g. when its reported hashes match no state).
 
-        Pokes every generation's folders, the current one included: Falco watches the folders of
-        the generation it last loaded, and an empty directory made and removed there is an event
-        that loads nothing.
+        Opens falco-api.yaml for writing and closes it unchanged (IN_CLOSE_WRITE, no new mtime or
+        content), and pokes the rules folder of every generation kept: Falco watches the file and
+        the folder it last loaded, and an empty directory made and removed there loads nothing.
         """
         with self._lock:
-            self._poke_watched_folders(include_current=True)
+            self._fs.step("nudge falco-api.yaml")
+            os.close(os.open(self.root / LIVE_CONFIG_FILE, os.O_WRONLY | os.O_CLOEXEC))
+            self._poke_rules_folders(self._generation_numbers())
 
-    def _poke_watched_folders(self, *, include_current: bool = False) -> None:
-        """Besides the falco-api.yaml rename, poke the folders Falco may be watching."""
-        current = self._current().generation
-        for number in self._generation_numbers():
-            folder = self._generation_dir(number)
-            if (number == current and not include_current) or not folder.is_dir():
-                continue
-            for sub in (RULES_DIR, CONFIG_DIR):
-                if (folder / sub).is_dir():
-                    self._fs.poke(folder / sub)
+    def _poke_rules_folders(self, generations: Iterable[int]) -> None:
+        for number in sorted(set(generations)):
+            folder = self._generation_dir(number) / RULES_DIR
+            if folder.is_dir():
+                self._fs.poke(folder)
 
     def _collect_garbage(self) -> None:
         keep = {self._current().generation}
@@ -1118,7 +1119,7 @@ class ManagedStore:
             # Killed after the commit but before poking Falco: poke now (harmless if it already reloaded).
             triggered = self._last_good != target
             if triggered:
-                self._poke_watched_folders()
+                self._poke_rules_folders(n for n in self._generation_numbers() if n != target)
             before = set(self._generation_numbers())
             self._collect_garbage()
             removed.extend(
