@@ -12,12 +12,16 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from aiohttp import web
+
 from falco_api import __version__
 from falco_api.contract.falco import version_pb2
 from falco_api.netaddr import split_host_port
+from falco_api.rules import Finding, RulesFile, validate_rules
 from falco_api.server import RunningServer, start_server
 from falco_api.servicers import (
     LEGACY_OUTPUTS_SERVICE,
@@ -34,11 +38,12 @@ from falco_api.servicers import (
 )
 from falco_api.streams import DEFAULT_QUEUE_SIZE, DEFAULT_REPLAY_SIZE, EventStreams
 from falco_api.tls import TlsConfigError, TlsFiles, check_transport
-
 from falco_api_sidecar.falco_web import FalcoVersionError, FalcoWebClient, version_response
 from falco_api_sidecar.ingest import DEFAULT_MAX_BODY, ingest_app
+from falco_api_sidecar.managed import ManagedError, ManagedStore
 from falco_api_sidecar.metrics import metrics_app
 from falco_api_sidecar.unary import UnaryServicer, register_unary
+from falco_api_sidecar.writes import WriteCoordinator
 
 log = logging.getLogger("falco_api_sidecar")
 
@@ -59,6 +64,13 @@ class SidecarConfig:
     queue_size: int = DEFAULT_QUEUE_SIZE
     max_body: int = DEFAULT_MAX_BODY
     grace: float = 5.0
+    # The write side (rules and configs). Without managed_root those calls answer UNIMPLEMENTED.
+    managed_root: Path | None = None
+    falco_managed_root: Path | None = None
+    falco_config: Path | None = None
+    base_rules: tuple[Path, ...] = ()
+    falco_binary: str | None = None
+    confirm_timeout: float = 30.0
 
 
 class Sidecar:
@@ -75,6 +87,20 @@ class Sidecar:
             queue_size=config.queue_size,
         )
         self.falco = FalcoWebClient(config.falco_url)
+        self.engine_version: str | None = None
+        self.store: ManagedStore | None = None
+        self.writes: WriteCoordinator | None = None
+        if config.managed_root is not None:
+            self.store = ManagedStore.open(
+                config.managed_root,
+                rules_validator=self._validate_rules,
+                base_config_path=config.falco_config,
+                preceding_rules_files=config.base_rules,
+                falco_root=config.falco_managed_root,
+            )
+            self.writes = WriteCoordinator(
+                self.store, self.falco, self.streams.alerts, confirm_timeout=config.confirm_timeout
+            )
         self.grpc: RunningServer | None = None
         self._runners: list[web.AppRunner] = []
         self.ingest_port = 0
@@ -84,9 +110,17 @@ class Sidecar:
     async def version(self) -> version_pb2.response:
         versions = await self.falco.versions()
         try:
-            return version_response(versions, hostname=self.config.node_name)
+            response = version_response(versions, hostname=self.config.node_name)
         except FalcoVersionError as error:
             raise Unavailable(str(error)) from None
+        # Remembered for required_engine_version checks of later writes.
+        self.engine_version = response.engine_version or None
+        return response
+
+    def _validate_rules(self, files: Sequence[RulesFile]) -> list[Finding]:
+        return validate_rules(
+            files, engine_version=self.engine_version, falco_binary=self.config.falco_binary
+        )
 
     async def _serve_http(self, app: web.Application, address: str, flag: str) -> int:
         host, port = split_host_port(address, flag=flag)
@@ -112,7 +146,16 @@ class Sidecar:
                 *streaming_handlers(outputs, drops),
                 *legacy_version_handlers(version),
             ],
-            register=[register_unary(UnaryServicer(version))],
+            register=[
+                register_unary(
+                    UnaryServicer(
+                        version,
+                        store=self.store,
+                        writes=self.writes,
+                        base_config_path=self.config.falco_config,
+                    )
+                )
+            ],
             service_names=[LEGACY_OUTPUTS_SERVICE, LEGACY_VERSION_SERVICE, STREAMING_SERVICE, UNARY_SERVICE],
         )
         self.ingest_port = await self._serve_http(
@@ -125,6 +168,14 @@ class Sidecar:
                 metrics_app(self.streams), self.config.metrics_listen, "--metrics-listen"
             )
         self._tasks.append(asyncio.create_task(self._report_rejections()))
+        if self.store is not None:
+            with contextlib.suppress(Unavailable):
+                await self.version()
+            log.info(
+                "managing rules and configs in %s; Falco must list %s in config_files",
+                self.config.managed_root,
+                self.store.falco_config_file,
+            )
         log.info(
             "sidecar %s up: gRPC %s, ingest %s, Falco webserver %s",
             self.origin,
@@ -214,6 +265,38 @@ def build_parser() -> argparse.ArgumentParser:
         default=5.0,
         help="seconds streams get to drain on SIGTERM (default: %(default)s)",
     )
+    writes = parser.add_argument_group("rules and configs (the write side)")
+    writes.add_argument(
+        "--managed-root",
+        type=Path,
+        help="folder (shared with Falco) for the managed rules and config files; "
+        "without it the write calls answer UNIMPLEMENTED",
+    )
+    writes.add_argument(
+        "--falco-managed-root",
+        type=Path,
+        help="the same folder as Falco's container sees it (default: --managed-root)",
+    )
+    writes.add_argument(
+        "--falco-config",
+        type=Path,
+        default=Path("/etc/falco/falco.yaml"),
+        help="Falco's base falco.yaml, for the effective config (default: %(default)s)",
+    )
+    writes.add_argument(
+        "--base-rules",
+        type=Path,
+        action="append",
+        default=[],
+        help="rules files Falco loads before the managed ones, for validation (repeatable)",
+    )
+    writes.add_argument("--falco-binary", help="also validate with this falco's -V (its verdict is final)")
+    writes.add_argument(
+        "--confirm-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to wait for Falco to confirm a write (default: %(default)s)",
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 
@@ -233,6 +316,12 @@ def config_from_args(args: argparse.Namespace) -> SidecarConfig:
         queue_size=args.queue_size,
         max_body=args.max_body,
         grace=args.grace,
+        managed_root=args.managed_root,
+        falco_managed_root=args.falco_managed_root,
+        falco_config=args.falco_config,
+        base_rules=tuple(args.base_rules),
+        falco_binary=args.falco_binary,
+        confirm_timeout=args.confirm_timeout,
     )
 
 
@@ -256,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         asyncio.run(run(config))
-    except (TlsConfigError, ValueError, OSError) as error:
+    except (TlsConfigError, ManagedError, ValueError, OSError) as error:
         print(f"falco-api-sidecar: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

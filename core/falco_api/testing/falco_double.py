@@ -237,6 +237,7 @@ class FalcoDouble:
         hostname: str = "falco-double",
         versions: dict[str, Any] | None = None,
         metrics_text: Callable[[], str] | None = None,
+        alert_url: str | None = None,
     ) -> None:
         self.hostname = hostname
         self.versions = dict(versions or VERSIONS)
@@ -244,6 +245,34 @@ class FalcoDouble:
         self._metrics_text = metrics_text
         self._runner: web.AppRunner | None = None
         self.port = 0
+        # http_output: alerts Falco raises itself (e.g. hot restart failure) go here, in order.
+        self.alert_url = alert_url
+        self._outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.reload: Any = None
+
+    def emit(self, alert: dict[str, Any]) -> None:
+        """Raise an alert through http_output (called by the reload model on the loop's thread)."""
+        self._outbox.put_nowait(alert)
+
+    def attach_reload(self, model: Any) -> None:
+        """Load files like Falco (a falco_reload.FalcoReloadModel): /metrics reports what it loaded.
+
+        The model must have been made with ``on_alert=double.emit``; start() starts it (an invalid
+        set at start raises, as Falco exits) and keeps it watching.
+        """
+        self.reload = model
+        self._metrics_text = model.metrics_text
+
+    async def _post_alerts(self) -> None:
+        poster = AlertPoster(self.alert_url or "")
+        try:
+            while True:
+                alert = await self._outbox.get()
+                if self.alert_url:
+                    await poster.post(alert)
+        finally:
+            await poster.close()
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -270,6 +299,10 @@ class FalcoDouble:
         return web.Response(text=base + text, content_type="text/plain")
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        if self.reload is not None:
+            self.reload.start()
+            self._tasks.append(asyncio.create_task(self.reload.run()))
+        self._tasks.append(asyncio.create_task(self._post_alerts()))
         self._runner = web.AppRunner(self.app(), access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
@@ -283,8 +316,17 @@ class FalcoDouble:
         return f"http://127.0.0.1:{self.port}"
 
     async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if self.reload is not None:
+            self.reload.close()
         if self._runner is not None:
             await self._runner.cleanup()
+            self._runner = None
 
 
 async def _run(args: argparse.Namespace) -> None:

@@ -1,0 +1,1 @@
+"""Test doubles for what cannot run on a development machine (Falco itself)."""
