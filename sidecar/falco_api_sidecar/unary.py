@@ -206,7 +206,8 @@ class UnaryServicer(unary_pb2_grpc.unaryServicer):
                 expected_version=_expected(request.HasField("expected_version"), request.expected_version),
             ),
         )
-        current = [r for r in outcome.result.rulesets if r.name == ruleset.name]
+        # Read back: the statuses now carry Falco's verdict, and a rollback may have replaced it.
+        current = [r for r in await asyncio.to_thread(store.list_rulesets) if r.name == ruleset.name]
         return apply_pb2.PutRuleResponse(
             result=write_result_message(outcome),
             ruleset=ruleset_message(current[0]) if current else None,
@@ -274,7 +275,7 @@ class UnaryServicer(unary_pb2_grpc.unaryServicer):
                 expected_version=_expected(request.HasField("expected_version"), request.expected_version),
             ),
         )
-        current = [c for c in outcome.result.configs if c.name == dropin.name]
+        current = [c for c in await asyncio.to_thread(store.list_configs) if c.name == dropin.name]
         return apply_pb2.PutConfigResponse(
             result=write_result_message(outcome), dropin=config_message(current[0]) if current else None
         )
@@ -309,11 +310,10 @@ class UnaryServicer(unary_pb2_grpc.unaryServicer):
             f"rules=[{names}] configs={len(configs)}",
             lambda: store.apply(rulesets, configs, dry_run=request.dry_run),
         )
-        final = outcome.rollback_result or outcome.result
         return apply_pb2.ApplyResponse(
             result=write_result_message(outcome),
-            rulesets=[ruleset_message(r) for r in final.rulesets],
-            configs=[config_message(c) for c in final.configs],
+            rulesets=[ruleset_message(r) for r in await asyncio.to_thread(store.list_rulesets)],
+            configs=[config_message(c) for c in await asyncio.to_thread(store.list_configs)],
         )
 
 

@@ -265,14 +265,16 @@ class FalcoDouble:
         self._metrics_text = model.metrics_text
 
     async def _post_alerts(self) -> None:
-        poster = AlertPoster(self.alert_url or "")
+        posters: dict[str, AlertPoster] = {}
         try:
             while True:
                 alert = await self._outbox.get()
                 if self.alert_url:
+                    poster = posters.setdefault(self.alert_url, AlertPoster(self.alert_url))
                     await poster.post(alert)
         finally:
-            await poster.close()
+            for poster in posters.values():
+                await poster.close()
 
     def app(self) -> web.Application:
         app = web.Application()
