@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from falco_api import configs
 from falco_api.configs import (
     SIDECAR_OWNED_KEYS,
