@@ -40,6 +40,8 @@ class OperatorConfig:
     sidecar_port_name: str = DEFAULT_PORT_NAME
     tls: TlsFiles | None = None
     insecure: bool = False
+    # Sidecars are reached by pod IP; their certificates name this instead.
+    sidecar_server_name: str | None = "falco-api-sidecar"
     webhook_port: int | None = None
     webhook_addr: str = "0.0.0.0"
     webhook_cert: str | None = None
@@ -124,7 +126,9 @@ class Runtime:
         push_settings = PushSettings(**{**config.push.__dict__, "resync_seconds": config.resync_seconds})
 
         def channel(address: str) -> Any:
-            return open_channel(address, tls=config.tls, insecure=config.insecure)
+            return open_channel(
+                address, tls=config.tls, insecure=config.insecure, server_name=config.sidecar_server_name
+            )
 
         self.pushes = PushManager(make_grpc_client_factory(channel), self._on_outcome, push_settings)
         self.model = ClusterModel(

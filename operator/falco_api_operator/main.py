@@ -31,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-key", help="its private key")
     parser.add_argument("--tls-ca", help="CA that signs the sidecars' server certificates")
     parser.add_argument(
+        "--sidecar-server-name",
+        default="falco-api-sidecar",
+        help="name checked in the sidecars' certificates: they are reached by pod IP (default: %(default)s)",
+    )
+    parser.add_argument(
         "--insecure", action="store_true", help="plain TCP to the sidecars (never in production)"
     )
     parser.add_argument(
@@ -81,6 +86,7 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
         sidecar_port_name=args.sidecar_port_name,
         tls=tls,
         insecure=args.insecure,
+        sidecar_server_name=args.sidecar_server_name,
         webhook_port=args.webhook_port,
         webhook_cert=args.webhook_cert,
         webhook_key=args.webhook_key,
