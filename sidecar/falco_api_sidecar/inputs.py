@@ -28,6 +28,7 @@ from typing import Any
 
 import aiohttp
 import grpc
+
 from falco_api.contract.falco.api import inputs_pb2
 
 log = logging.getLogger(__name__)

@@ -13,6 +13,7 @@ were in progress at once, and can be made slow, failing (5xx) or strict (400 on 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import json
 from dataclasses import dataclass
@@ -95,6 +96,7 @@ class K8sAuditDouble:
         self.fail_status: int | None = None
         self.strict = False
         self._runner: web.AppRunner | None = None
+        self._stopping = asyncio.Event()
         self.port = 0
 
     def app(self) -> web.Application:
@@ -112,8 +114,12 @@ class K8sAuditDouble:
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             if self.delay:
-                await asyncio.sleep(self.delay)
+                # stop() cuts the wait short, so a slow double never holds up a test's teardown.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), self.delay)
             return await self._answer(request)
+        except ConnectionResetError:
+            return web.Response(status=499, text="client went away")
         finally:
             self.in_flight -= 1
 
@@ -146,6 +152,7 @@ class K8sAuditDouble:
         return web.Response(status=200)
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        self._stopping = asyncio.Event()
         self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, reuse_address=True)
@@ -155,6 +162,7 @@ class K8sAuditDouble:
         return self.port
 
     async def stop(self) -> None:
+        self._stopping.set()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
