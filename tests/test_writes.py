@@ -301,3 +301,29 @@ async def test_writes_need_a_managed_root(sidecar: Any) -> None:
             await unary_pb2_grpc.unaryStub(channel).list_rules(rules_pb2.ListRulesRequest())
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert "--managed-root" in (caught.value.details() or "")
+
+
+async def test_the_operator_computes_the_sidecars_state_hash(setup: WritableSetup) -> None:
+    from falco_api_operator.desired import (
+        DesiredState,
+        FalcoConfigSpec,
+        FalcoRuleSpec,
+        LabelSelector,
+        apply_request,
+        state_sha256,
+    )
+
+    everywhere = LabelSelector()
+    rules = [
+        FalcoRuleSpec("shells", SHELLS, 10, everywhere),
+        FalcoRuleSpec("more-shells", MORE_SHELLS, 20, everywhere),
+    ]
+    configs = [
+        FalcoConfigSpec(
+            "quiet", {"priority": "warning", "outputs": {"rate": 5, "max_burst": 1000}}, 10, everywhere
+        )
+    ]
+    request = apply_request(DesiredState(tuple(rules), tuple(configs)))
+    reply = await call(setup, "apply", request)
+    assert reply.result.status.state == LOADED
+    assert reply.result.state_sha256 == state_sha256(rules, configs)

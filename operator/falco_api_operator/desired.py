@@ -8,8 +8,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from falco_api.contract.falco.api import apply_pb2, configs_pb2, rules_pb2
 from google.protobuf import struct_pb2
+
+from falco_api.configs import canonical_dropin_yaml, compute_state_sha256, content_sha256
+from falco_api.contract.falco.api import apply_pb2, configs_pb2, rules_pb2
 
 GROUP = "falcoapi.io"
 VERSION = "v1alpha1"
@@ -138,22 +140,14 @@ class DesiredState:
 
 
 def state_sha256(rulesets: Iterable[FalcoRuleSpec], configs: Iterable[FalcoConfigSpec]) -> str:
-    """sha256 over (name, order, content sha256) of each managed file, in load order.
+    """The sidecar's ``WriteResult.state_sha256`` for this state, by the same functions it uses.
 
-    This is the ``WriteResult.state_sha256`` formula: the same state hashes the same on
-    every node. Config content is hashed as canonical JSON (sorted keys) so that key
-    order in the CR does not matter.
+    Rules files are hashed as given; config drop-ins as the canonical YAML the sidecar writes.
     """
-    payload = {
-        "rules": [
-            [r.name, r.order, sha256_text(r.rules)] for r in sorted(rulesets, key=lambda r: (r.order, r.name))
-        ],
-        "configs": [
-            [c.name, c.order, sha256_text(canonical_json(c.config))]
-            for c in sorted(configs, key=lambda c: (c.order, c.name))
-        ],
-    }
-    return sha256_text(canonical_json(payload))
+    return compute_state_sha256(
+        ((r.name, r.order, content_sha256(r.rules)) for r in rulesets),
+        ((c.name, c.order, content_sha256(canonical_dropin_yaml(c.config))) for c in configs),
+    )
 
 
 def desired_state(
