@@ -196,7 +196,7 @@ class InputsServer:
         return [response async for response in stub.inputs(iter(list(requests)), timeout=20)]
 
     async def close(self) -> None:
-        await self.channel.close()
+        await self.channel.close(None)
         await self.server.stop(0)
         await self.servicer.close()
         shutil.rmtree(self.socket_dir, ignore_errors=True)
