@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import logging
@@ -51,7 +52,9 @@ from falco_api_sidecar.authz import (
     Identity,
     Role,
     Transport,
+    add_authz_arguments,
     audit,
+    authz_interceptor,
     current_identity,
     identity_from_auth_context,
     load_authz_config,
@@ -571,3 +574,18 @@ async def test_handlers_see_the_caller_for_their_audit_lines(
         ]
     finally:
         await servers.close()
+
+
+def test_sidecar_flag_builds_the_interceptor(tmp_path: Path, pki: Pki) -> None:
+    parser = argparse.ArgumentParser()
+    add_authz_arguments(parser)
+    path = tmp_path / "authz.yaml"
+    path.write_text(AUTHZ_YAML)
+    args = parser.parse_args(["--authz-config", str(path)])
+    assert authz_interceptor(args.authz_config, "127.0.0.1:5060", pki.server).policy == AuthzPolicy(
+        POLICY.grants, source=str(path)
+    )
+    assert authz_interceptor(None, "127.0.0.1:5060", pki.server).policy == AuthzPolicy.default()
+    path.write_text("roles:\n  superuser: [me]\n")
+    with pytest.raises(AuthzConfigError, match="unknown role 'superuser'"):
+        authz_interceptor(str(path), "unix:///run/falco-api/falco-api.sock", None)

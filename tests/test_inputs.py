@@ -23,13 +23,17 @@ from falco_api.testing.k8saudit_double import K8sAuditDouble
 from falco_api_sidecar.authz import AuthzInterceptor, AuthzPolicy
 from falco_api_sidecar.inputs import (
     BIDIRECTIONAL_SERVICE,
+    InputsCollector,
     InputsLimits,
     InputsServicer,
+    InputsStats,
     K8sAuditForwarder,
     Rejected,
     RejectKind,
     Validated,
+    add_inputs_arguments,
     inputs_handlers,
+    inputs_servicer_from_args,
     validate_audit_json,
 )
 
@@ -508,3 +512,32 @@ async def test_cli_refuses_a_missing_file_before_sending(
         assert k8saudit.events == []
     finally:
         await server.close()
+
+
+def test_metrics_collector_reports_the_counters() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    stats = InputsStats()
+    stats.count(Validated(b"{}", 3))
+    stats.count(Rejected(RejectKind.UNREACHABLE, "down"))
+    registry = CollectorRegistry()
+    registry.register(InputsCollector(stats))
+    scraped = generate_latest(registry).decode()
+    assert "falco_api_inputs_accepted_total 1.0" in scraped
+    assert "falco_api_inputs_events_accepted_total 3.0" in scraped
+    assert 'falco_api_inputs_rejected_total{reason="unreachable"} 1.0' in scraped
+    assert 'falco_api_inputs_rejected_total{reason="malformed"} 0.0' in scraped
+
+
+def test_sidecar_flags_build_the_servicer() -> None:
+    parser = argparse.ArgumentParser()
+    add_inputs_arguments(parser)
+    servicer = inputs_servicer_from_args(
+        parser.parse_args(["--k8saudit-url", "http://falco:9765/k8s-audit", "--inputs-window", "8"])
+    )
+    assert servicer.forwarder.url == "http://falco:9765/k8s-audit" and servicer.limits.window == 8
+    assert inputs_servicer_from_args(parser.parse_args([])).forwarder.url == "http://127.0.0.1:9765/k8s-audit"
+    with pytest.raises(ValueError, match="--k8saudit-url must be an http"):
+        inputs_servicer_from_args(parser.parse_args(["--k8saudit-url", "falco:9765"]))
+    with pytest.raises(ValueError, match="window"):
+        inputs_servicer_from_args(parser.parse_args(["--inputs-window", "0"]))

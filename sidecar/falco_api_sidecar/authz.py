@@ -13,12 +13,14 @@ rules (documented in docs/authorization.md):
 
 from __future__ import annotations
 
+import argparse
 import contextvars
 import datetime
 import enum
 import inspect
 import json
 import logging
+import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -27,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import yaml
+
+from falco_api.tls import TlsFiles, is_unix
 
 log = logging.getLogger(__name__)
 audit_log = logging.getLogger("falco_api.audit")
@@ -386,3 +390,25 @@ def audit(
     line = json.dumps(record, separators=(",", ":"), ensure_ascii=True)
     audit_log.info("%s", line)
     return line
+
+
+def add_authz_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--authz-config",
+        default=os.environ.get("FALCO_API_AUTHZ_CONFIG"),
+        help="YAML file mapping client certificate names (CN or SAN) to roles reader, writer, injector; "
+        "without it, any certificate signed by --tls-ca may read and nobody may write over TCP "
+        "(default: $FALCO_API_AUTHZ_CONFIG)",
+    )
+
+
+def authz_interceptor(authz_config: str | None, grpc_listen: str, tls: TlsFiles | None) -> AuthzInterceptor:
+    """The interceptor for the sidecar's gRPC server; raises AuthzConfigError (a ValueError) on a bad file."""
+    policy = policy_for(authz_config, tcp_with_tls=not is_unix(grpc_listen) and tls is not None)
+    if is_unix(grpc_listen) and authz_config:
+        log.info(
+            "%s is a unix socket (local admin): --authz-config %s only applies to TCP",
+            grpc_listen,
+            authz_config,
+        )
+    return AuthzInterceptor(policy)

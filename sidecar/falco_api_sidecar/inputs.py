@@ -22,12 +22,14 @@ import enum
 import json
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import grpc
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from falco_api.contract.falco.api import inputs_pb2
 
@@ -234,6 +236,43 @@ class InputsStats:
         else:
             self.messages_accepted += 1
             self.events_accepted += outcome.events
+
+
+class InputsCollector(Collector):
+    """Prometheus view of :class:`InputsStats`, read at scrape time."""
+
+    def __init__(self, stats: InputsStats) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        stats = self._stats
+        yield CounterMetricFamily("falco_api_inputs_calls", "Inputs streams opened", value=stats.calls)
+        yield CounterMetricFamily(
+            "falco_api_inputs_accepted",
+            "Inputs messages taken by the k8saudit webhook",
+            value=stats.messages_accepted,
+        )
+        yield CounterMetricFamily(
+            "falco_api_inputs_events_accepted",
+            "Audit events in accepted messages",
+            value=stats.events_accepted,
+        )
+        rejected = CounterMetricFamily(
+            "falco_api_inputs_rejected", "Inputs messages rejected, by reason", labels=["reason"]
+        )
+        for reason, count in sorted(stats.rejected.items()):
+            rejected.add_metric([reason], count)
+        yield rejected
+        yield GaugeMetricFamily(
+            "falco_api_inputs_forwards_in_flight",
+            "Forwards to the webhook in progress",
+            value=stats.forwards_in_flight,
+        )
+        yield CounterMetricFamily(
+            "falco_api_inputs_calls_unavailable",
+            "Inputs streams ended UNAVAILABLE because the webhook stayed unreachable",
+            value=stats.calls_ended_unavailable,
+        )
 
 
 @dataclass
