@@ -15,6 +15,13 @@ from google.protobuf import json_format
 
 from falco_api import __version__
 from falco_api.alerts import AlertError, parse_priority
+from falco_api.cli_manage import (
+    ManageUsageError,
+    add_config_parser,
+    add_rules_commands,
+    run_config,
+    run_rules,
+)
 from falco_api.client import describe_rpc_error, priority_name, response_to_falco_json, timestamp_text
 from falco_api.contract.falco import outputs_pb2, version_pb2
 from falco_api.contract.falco.api import drops_pb2, streaming_pb2_grpc, unary_pb2_grpc
@@ -96,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     drops.add_argument("--kind", action="append", default=[], choices=sorted(_DROP_KINDS))
     drops.add_argument("-o", "--output", choices=["text", "json"], default="text")
 
-    rules = commands.add_parser("rules", help="Falco rules: validate locally")
+    rules = commands.add_parser("rules", help="Falco rules: list, get, apply, delete, validate")
     rules_commands = rules.add_subparsers(dest="rules_command", required=True, metavar="RULES_COMMAND")
     validate = rules_commands.add_parser(
         "validate", help="check rules files as Falco's loader would (no server needed); exit 1 on errors"
@@ -111,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine-version", help="Falco's engine version to check required_engine_version against"
     )
     validate.add_argument("--falco-binary", help="also run this falco's -V; its verdict is final")
+    add_rules_commands(rules_commands)
+    add_config_parser(commands)
     return parser
 
 
@@ -198,6 +207,10 @@ async def run_command(args: argparse.Namespace, out: TextIO) -> int:
                     f"on {reply.hostname}; falco-api {reply.api_version}\n"
                 )
             return 0
+        if args.command == "rules":
+            return await run_rules(args, channel, out)
+        if args.command == "config":
+            return await run_config(args, channel, out)
         streaming = streaming_pb2_grpc.streamingStub(channel)
         if args.command == "events":
             async for response in streaming.outputs(outputs_request(args)):
@@ -224,7 +237,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
         return validate_rules_command(args, out)
     try:
         return asyncio.run(run_command(args, out))
-    except (UsageError, TlsConfigError) as error:
+    except (UsageError, ManageUsageError, TlsConfigError) as error:
         print(f"falco-api: {error}", file=sys.stderr)
         return 2
     except grpc.aio.AioRpcError as error:
