@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import grpc
 
 from falco_api.contract.falco import outputs_pb2, outputs_pb2_grpc, schema_pb2, version_pb2, version_pb2_grpc
-from falco_api.contract.falco.api import drops_pb2, streaming_pb2_grpc, unary_pb2_grpc
+from falco_api.contract.falco.api import drops_pb2, rules_pb2, streaming_pb2_grpc, unary_pb2_grpc
 from falco_api.testing.falco_double import FALCO_VERSION, rule_alert, syscall_drop_alert
 from falco_api_relay.merge import REPLAY_ALL_ORIGIN
 from tests.relay.conftest import (
@@ -252,9 +252,7 @@ async def test_version_comes_from_a_sidecar_with_the_relays_api_version(cluster:
         assert legacy.hostname == "node-a"
         # The relay manages no rules: that half of falco.api.unary is not there.
         try:
-            await unary_pb2_grpc.unaryStub(channel).list_rules(
-                __import__("falco_api.contract.falco.api.rules_pb2", fromlist=["x"]).ListRulesRequest()
-            )
+            await unary_pb2_grpc.unaryStub(channel).list_rules(rules_pb2.ListRulesRequest())
             raise AssertionError("the relay answered list_rules")
         except grpc.aio.AioRpcError as error:
             assert error.code() == grpc.StatusCode.UNIMPLEMENTED
