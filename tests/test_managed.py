@@ -47,6 +47,9 @@ def stand_in_validator(files: Sequence[RulesFile]) -> list[FindingLike]:
 
 def open_store(root: Path, **kwargs: object) -> ManagedStore:
     kwargs.setdefault("rules_validator", stand_in_validator)
+    # fsync only guards against power loss; kills are simulated here, so skip it for speed
+    # (test_the_whole_set_is_validated_with_the_real_validator runs a durable store).
+    kwargs.setdefault("durable", False)
     return ManagedStore.open(root, **kwargs)  # type: ignore[arg-type]
 
 

@@ -378,8 +378,9 @@ def _next_state(
 
 
 class _Fs:
-    def __init__(self, fault: Callable[[str], None] | None) -> None:
+    def __init__(self, fault: Callable[[str], None] | None, durable: bool = True) -> None:
         self._fault = fault
+        self._durable = durable
 
     def step(self, label: str) -> None:
         if self._fault is not None:
@@ -400,7 +401,8 @@ class _Fs:
                 view = view[written:]
                 self.step(f"write {tmp.name}")
             self.step(f"fsync {tmp.name}")
-            os.fsync(fd)
+            if self._durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         self.step(f"rename {tmp.name} -> {path.name}")
@@ -415,7 +417,8 @@ class _Fs:
         self.step(f"fsync dir {path.name}")
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            os.fsync(fd)
+            if self._durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
 
@@ -457,6 +460,7 @@ class ManagedStore:
         falco_root: Path | None = None,
         gc_grace_s: float = 60.0,
         fault: Callable[[str], None] | None = None,
+        durable: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.root = Path(root)
@@ -470,7 +474,8 @@ class ManagedStore:
         self._config_validator: ConfigValidator = config_validator or default_config_validator
         self._base_config_path = base_config_path
         self._preceding_rules_files = list(preceding_rules_files)
-        self._fs = _Fs(fault)
+        # durable=False skips fsync: only for tests that need speed, never for a real node.
+        self._fs = _Fs(fault, durable)
         self._clock = clock
         self._lock = threading.RLock()
         self._state: _State | None = None
