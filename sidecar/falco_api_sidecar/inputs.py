@@ -450,17 +450,23 @@ def add_inputs_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def inputs_servicer_from_args(args: argparse.Namespace) -> InputsServicer:
+def inputs_limits_from_args(args: argparse.Namespace) -> InputsLimits:
     """Raises ValueError with a clear message for out-of-range flags."""
-    if not str(args.k8saudit_url).startswith(("http://", "https://")):
-        raise ValueError(f"--k8saudit-url must be an http(s) URL, got {args.k8saudit_url!r}")
-    limits = InputsLimits(
+    return InputsLimits(
         max_message_bytes=args.inputs_max_message_bytes,
         max_events=args.inputs_max_events,
         window=args.inputs_window,
         forward_timeout=args.inputs_timeout,
     )
-    forwarder = K8sAuditForwarder(
-        args.k8saudit_url, timeout=limits.forward_timeout, max_connections=limits.window
-    )
+
+
+def create_inputs_servicer(k8saudit_url: str, limits: InputsLimits) -> InputsServicer:
+    """The servicer the sidecar serves; raises ValueError for a URL that is not http(s)."""
+    if not k8saudit_url.startswith(("http://", "https://")):
+        raise ValueError(f"--k8saudit-url must be an http(s) URL, got {k8saudit_url!r}")
+    forwarder = K8sAuditForwarder(k8saudit_url, timeout=limits.forward_timeout, max_connections=limits.window)
     return InputsServicer(forwarder, limits)
+
+
+def inputs_servicer_from_args(args: argparse.Namespace) -> InputsServicer:
+    return create_inputs_servicer(str(args.k8saudit_url), inputs_limits_from_args(args))
