@@ -153,8 +153,14 @@ class WriteCoordinator:
         if failures is not None:
             failure_wait = asyncio.ensure_future(failures.next())
         last_problem = ""
+        # Falco sets its watches after reading: a commit landing in between goes unseen.
+        # If the verdict is slow, poke the watched folders once (it loads nothing by itself).
+        nudge_at = time.monotonic() + self.confirm_timeout / 3
         try:
             while True:
+                if nudge_at and time.monotonic() >= nudge_at:
+                    nudge_at = 0.0
+                    await asyncio.to_thread(self.store.nudge_falco)
                 try:
                     rules, configs = loaded_file_hashes(await self.falco.metrics())
                     if is_loaded(expected_rules, rules) and is_loaded(expected_configs, configs):
