@@ -237,3 +237,16 @@ async def test_tcp_listener_on_loopback(streams: EventStreams) -> None:
         await until(lambda: running.ingest.stats.accepted == 2)
     finally:
         await running.stop()
+
+
+async def test_a_subscriber_that_stopped_reading_never_holds_ingest_up(
+    line_ingest: RunningLineIngest, streams: EventStreams
+) -> None:
+    stalled = streams.alerts.subscribe(lambda _a: True, follow=True, max_queue=2000)
+    assert line_ingest.socket_path is not None
+    started = asyncio.get_running_loop().time()
+    await write_and_close(line_ingest.socket_path, b"".join(line(i) for i in range(3000)))
+    await until(lambda: line_ingest.ingest.stats.accepted == 3000)
+    # Every chunk past the catch-up depth costs one short step, not the full pause.
+    assert asyncio.get_running_loop().time() - started < 2.0
+    assert stalled.depth == 2000 and stalled.total_missed == 1000

@@ -32,6 +32,12 @@ DEFAULT_MAX_LINE = 1024 * 1024
 # One read takes what the kernel has, up to this: ~70 typical alerts, handled
 # back to back before the loop gets a turn to send them to subscribers.
 READ_CHUNK = 64 * 1024
+# When subscribers fall behind because the process is busy ingesting (not because a client
+# stopped reading), ingest pauses up to MAX_CATCH_UP per chunk so gRPC can send what is queued.
+# Real sleeps, not bare loop turns: gRPC's completion thread needs the GIL to make progress.
+CATCH_UP_DEPTH = 1024
+MAX_CATCH_UP = 0.05
+CATCH_UP_STEP = 0.0002
 UNIX_SCHEME = "unix://"
 TCP_SCHEME = "tcp://"
 
@@ -133,6 +139,26 @@ class LineIngest:
             self.streams.reject(reason)
         self.stats.rejected[reason] += count
 
+    async def _let_subscribers_catch_up(self) -> None:
+        """Pause while a subscriber that is draining has a deep queue, so gRPC can send it.
+
+        read() returns buffered bytes without yielding, and one chunk is ~70 alerts
+        while sending one gRPC message takes several loop turns and gRPC's own
+        thread: without this, a fast writer fills every queue and subscribers lose
+        alerts the process could have delivered (and the writer is slowed instead,
+        through the socket, the way a busy HTTP server slows its clients). Only
+        queues that shrank during the last step count: a client that stopped
+        reading costs one step per chunk, never holds ingest up.
+        """
+        await asyncio.sleep(0)
+        hub = self.streams.alerts
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + MAX_CATCH_UP
+        deep = {s: s.depth for s in hub.subscriptions if CATCH_UP_DEPTH < s.depth < s.max_queue}
+        while deep and loop.time() < deadline:
+            await asyncio.sleep(CATCH_UP_STEP)
+            deep = {s: s.depth for s, before in deep.items() if CATCH_UP_DEPTH < s.depth < before}
+
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One writer's connection, until it closes it (or we stop)."""
         self.stats.connections += 1
@@ -150,9 +176,7 @@ class LineIngest:
                 if too_large:
                     self._reject(REASON_TOO_LARGE, too_large)
                 self.ingest_lines(lines)
-                # read() returns buffered bytes without yielding; give the gRPC streams a
-                # turn after every chunk so a fast writer cannot starve delivery.
-                await asyncio.sleep(0)
+                await self._let_subscribers_catch_up()
             if splitter.finish():
                 self._reject(REASON_PARTIAL_LINE)
         finally:
