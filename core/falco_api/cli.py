@@ -15,6 +15,7 @@ from google.protobuf import json_format
 
 from falco_api import __version__
 from falco_api.alerts import AlertError, parse_priority
+from falco_api.cli_inputs import add_inputs_parser, run_inputs
 from falco_api.cli_manage import (
     ManageUsageError,
     add_config_parser,
@@ -120,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--falco-binary", help="also run this falco's -V; its verdict is final")
     add_rules_commands(rules_commands)
     add_config_parser(commands)
+    add_inputs_parser(commands)
     return parser
 
 
@@ -211,6 +213,8 @@ async def run_command(args: argparse.Namespace, out: TextIO) -> int:
             return await run_rules(args, channel, out)
         if args.command == "config":
             return await run_config(args, channel, out)
+        if args.command == "inputs":
+            return await run_inputs(args, channel, out)
         streaming = streaming_pb2_grpc.streamingStub(channel)
         if args.command == "events":
             async for response in streaming.outputs(outputs_request(args)):

@@ -38,8 +38,19 @@ from falco_api.servicers import (
 )
 from falco_api.streams import DEFAULT_QUEUE_SIZE, DEFAULT_REPLAY_SIZE, EventStreams
 from falco_api.tls import TlsConfigError, TlsFiles, check_transport
+from falco_api_sidecar.authz import add_authz_arguments, audit, authz_interceptor
 from falco_api_sidecar.falco_web import FalcoVersionError, FalcoWebClient, version_response
 from falco_api_sidecar.ingest import DEFAULT_MAX_BODY, ingest_app
+from falco_api_sidecar.inputs import (
+    BIDIRECTIONAL_SERVICE,
+    DEFAULT_K8SAUDIT_URL,
+    InputsCollector,
+    InputsLimits,
+    add_inputs_arguments,
+    create_inputs_servicer,
+    inputs_handlers,
+    inputs_limits_from_args,
+)
 from falco_api_sidecar.managed import ManagedError, ManagedStore
 from falco_api_sidecar.metrics import metrics_app
 from falco_api_sidecar.unary import UnaryServicer, register_unary
@@ -71,6 +82,14 @@ class SidecarConfig:
     base_rules: tuple[Path, ...] = ()
     falco_binary: str | None = None
     confirm_timeout: float = 30.0
+    authz_config: str | None = None
+    k8saudit_url: str = DEFAULT_K8SAUDIT_URL
+    inputs_limits: InputsLimits = field(default_factory=InputsLimits)
+
+
+def record_write(_context: object, action: str, target: str, old: str, new: str, result: str) -> None:
+    """Audit every write: the caller is read from the call's authorization context."""
+    audit(None, action, target, old or None, new or None, result)
 
 
 class Sidecar:
@@ -87,6 +106,8 @@ class Sidecar:
             queue_size=config.queue_size,
         )
         self.falco = FalcoWebClient(config.falco_url)
+        self.authz = authz_interceptor(config.authz_config, config.grpc_listen, config.tls)
+        self.inputs = create_inputs_servicer(config.k8saudit_url, config.inputs_limits)
         self.engine_version: str | None = None
         self.store: ManagedStore | None = None
         self.writes: WriteCoordinator | None = None
@@ -145,7 +166,9 @@ class Sidecar:
                 *outputs_handlers(outputs),
                 *streaming_handlers(outputs, drops),
                 *legacy_version_handlers(version),
+                *inputs_handlers(self.inputs),
             ],
+            interceptors=[self.authz],
             register=[
                 register_unary(
                     UnaryServicer(
@@ -156,7 +179,13 @@ class Sidecar:
                     )
                 )
             ],
-            service_names=[LEGACY_OUTPUTS_SERVICE, LEGACY_VERSION_SERVICE, STREAMING_SERVICE, UNARY_SERVICE],
+            service_names=[
+                LEGACY_OUTPUTS_SERVICE,
+                LEGACY_VERSION_SERVICE,
+                STREAMING_SERVICE,
+                UNARY_SERVICE,
+                BIDIRECTIONAL_SERVICE,
+            ],
         )
         self.ingest_port = await self._serve_http(
             ingest_app(self.streams, max_body=self.config.max_body),
@@ -165,7 +194,9 @@ class Sidecar:
         )
         if self.config.metrics_listen:
             self.metrics_port = await self._serve_http(
-                metrics_app(self.streams), self.config.metrics_listen, "--metrics-listen"
+                metrics_app(self.streams, InputsCollector(self.inputs.stats)),
+                self.config.metrics_listen,
+                "--metrics-listen",
             )
         self._tasks.append(asyncio.create_task(self._report_rejections()))
         if self.store is not None:
@@ -204,6 +235,7 @@ class Sidecar:
         if self.grpc is not None:
             await self.grpc.stop(self.config.grace)
         await self.falco.close()
+        await self.inputs.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -297,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds to wait for Falco to confirm a write (default: %(default)s)",
     )
+    add_authz_arguments(parser)
+    add_inputs_arguments(parser)
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 
@@ -322,6 +356,9 @@ def config_from_args(args: argparse.Namespace) -> SidecarConfig:
         base_rules=tuple(args.base_rules),
         falco_binary=args.falco_binary,
         confirm_timeout=args.confirm_timeout,
+        authz_config=args.authz_config,
+        k8saudit_url=args.k8saudit_url,
+        inputs_limits=inputs_limits_from_args(args),
     )
 
 

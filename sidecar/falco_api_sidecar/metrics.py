@@ -9,10 +9,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from aiohttp import web
-from falco_api.streams import EventStreams
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from falco_api.streams import EventStreams
 
 
 class StreamsCollector(Collector):
@@ -53,9 +54,11 @@ class StreamsCollector(Collector):
         )
 
 
-def metrics_app(streams: EventStreams) -> web.Application:
+def metrics_app(streams: EventStreams, *more: Collector) -> web.Application:
     registry = CollectorRegistry()
     registry.register(StreamsCollector(streams))
+    for collector in more:
+        registry.register(collector)
 
     async def serve(_request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
