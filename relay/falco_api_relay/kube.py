@@ -13,11 +13,16 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from falco_api.discovery import Sidecar, SidecarDirectory, parse_equality_selector, register_kopf_pod_watch
 
 log = logging.getLogger("falco_api_relay.kube")
+
+
+class DiscoveryError(RuntimeError):
+    """The pod watch stopped for good: the relay cannot follow sidecars any more."""
+
 
 SidecarsCallback = Callable[[Mapping[str, Sidecar]], None]
 
@@ -33,13 +38,17 @@ class KopfPodWatch:
         port_name: str,
         loop: asyncio.AbstractEventLoop,
         on_sidecars: SidecarsCallback,
+        connection: Any = None,
     ) -> None:
+        """``connection``: a ``kopf.ConnectionInfo``; None logs in as the pod's service account, or
+        else with the kubeconfig, as kopf does."""
         parse_equality_selector(selector)  # a bad selector fails at start-up, not in the thread
         self.namespace = namespace
         self.selector = selector
         self.directory = SidecarDirectory(port_name)
         self._loop = loop
         self._on_sidecars = on_sidecars
+        self._connection = connection
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.failed: asyncio.Future[None] = loop.create_future()
@@ -64,9 +73,11 @@ class KopfPodWatch:
         except BaseException as raised:  # the thread's end must reach the relay, whatever it was
             error = raised
         if not self._stop.is_set():
-            reason = error or RuntimeError("the Kubernetes pod watch ended")
-            log.error("pod discovery stopped: %s", reason)
-            self._loop.call_soon_threadsafe(self._fail, reason)
+            self._report(DiscoveryError(f"the Kubernetes pod watch ended: {error or 'without an error'}"))
+
+    def _report(self, error: BaseException) -> None:
+        log.error("pod discovery stopped: %s", error)
+        self._loop.call_soon_threadsafe(self._fail, error)
 
     def _fail(self, error: BaseException) -> None:
         if not self.failed.done():
@@ -79,7 +90,19 @@ class KopfPodWatch:
 
         @kopf.on.login(registry=registry)  # type: ignore[untyped-decorator]
         def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-            return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+            if self._connection is not None:
+                return cast(kopf.ConnectionInfo, self._connection)
+            info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+            if info is None:
+                # kopf would wait for credentials forever, following no sidecar: say so and stop.
+                self._report(
+                    DiscoveryError(
+                        "no Kubernetes credentials (no service account token, no kubeconfig) to discover "
+                        "sidecars; outside Kubernetes, give --upstream ADDR"
+                    )
+                )
+                self._stop.set()
+            return info
 
         @kopf.on.startup(registry=registry)  # type: ignore[untyped-decorator]
         def configure(settings: kopf.OperatorSettings, **_: Any) -> None:

@@ -39,7 +39,7 @@ from falco_api.servicers import (
     streaming_handlers,
 )
 from falco_api.tls import TlsConfigError, TlsFiles, check_transport, is_unix
-from falco_api_relay.kube import KopfPodWatch
+from falco_api_relay.kube import DiscoveryError, KopfPodWatch
 from falco_api_relay.merge import DEFAULT_QUEUE_SIZE, DEFAULT_REPLAY_SIZE, RelayStreams
 from falco_api_relay.targets import UpstreamTarget, sidecar_targets, static_targets
 from falco_api_relay.upstream import BackoffPolicy, UpstreamManager, channel_factory
@@ -61,6 +61,8 @@ class RelayConfig:
     namespace: str = "falco"
     sidecar_selector: str = DEFAULT_SELECTOR
     sidecar_port_name: str = DEFAULT_PORT_NAME
+    # A kopf.ConnectionInfo for the pod watch; None: the pod's service account, else the kubeconfig.
+    kube_connection: Any = None
     hostname: str = field(default_factory=socket.gethostname)
     replay_size: int = DEFAULT_REPLAY_SIZE
     queue_size: int = DEFAULT_QUEUE_SIZE
@@ -156,6 +158,7 @@ class Relay:
                 port_name=self.config.sidecar_port_name,
                 loop=asyncio.get_running_loop(),
                 on_sidecars=self._on_sidecars,
+                connection=self.config.kube_connection,
             )
             self.pod_watch.start()
         if self.config.status_interval > 0:
@@ -365,8 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         pass
-    except Exception as error:  # discovery failed for good (no credentials, no such namespace, ...)
-        print(f"falco-api-relay: {type(error).__name__}: {error}", file=sys.stderr)
+    except DiscoveryError as error:
+        print(f"falco-api-relay: {error}", file=sys.stderr)
         return 1
     with contextlib.suppress(Exception):
         logging.shutdown()

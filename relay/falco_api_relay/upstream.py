@@ -90,6 +90,17 @@ def _describe_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+async def _until_ready(channel: grpc.aio.Channel, connect_timeout: float) -> None:
+    """Connected, or an error as soon as the first attempt fails (our backoff decides the next one)."""
+    async with asyncio.timeout(connect_timeout):
+        state = channel.get_state(try_to_connect=True)
+        while state != grpc.ChannelConnectivity.READY:
+            if state in (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN):
+                raise ConnectionError("cannot connect")
+            await channel.wait_for_state_change(state)
+            state = channel.get_state(try_to_connect=True)
+
+
 class Upstream:
     """One sidecar followed by the relay, reconnecting until stopped."""
 
@@ -168,7 +179,7 @@ class Upstream:
             self.last_error = _describe_error(error)
             return 0
         try:
-            await asyncio.wait_for(channel.channel_ready(), self.policy.connect_timeout)
+            await _until_ready(channel, self.policy.connect_timeout)
             self.channel = channel
             self.connected_since = time.time()
             log.info(
