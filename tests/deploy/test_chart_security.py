@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from .chart import NAMESPACE, SCENARIOS, Rendered, render
+from .chart import CHART_DIR, NAMESPACE, REPO_ROOT, SCENARIOS, Rendered, render
 
 x509 = pytest.importorskip(
     "cryptography.x509", reason="cryptography is needed to inspect generated certificates"
@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa  # noqa: 
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: E402
 
 RBAC_KINDS = ("ClusterRole", "Role")
+STANDALONE_RBAC = REPO_ROOT / "deploy" / "rbac" / "operator-rbac.yaml"
 
 
 def _rules(rendered: Rendered, kind: str, name_suffix: str) -> list[dict[str, Any]]:
@@ -54,20 +55,77 @@ def test_operator_cluster_role_is_least_privilege() -> None:
     assert _grants(rules, "falcoconfigs") == {"get", "list", "watch", "patch"}
     assert _grants(rules, "falcorules/status") == {"patch"}
     assert _grants(rules, "falcoconfigs/status") == {"patch"}
-    assert _grants(rules, "falcorules/finalizers") == {"update"}
-    assert _grants(rules, "falcoconfigs/finalizers") == {"update"}
     assert _grants(rules, "nodes") == {"get", "list", "watch"}
-    assert _grants(rules, "events") == {"create", "patch"}
+    assert _grants(rules, "customresourcedefinitions") == {"get", "list", "watch"}
+    assert not _grants(rules, "events"), "kopf posts events in its own namespace: the Role has them"
     assert not _grants(rules, "pods"), "pods must only be readable in the Falco namespace"
     assert not _grants(rules, "secrets")
     assert not _grants(rules, "clusterkopfpeerings"), "no peering rights with a single replica"
     for rule in rules:
-        assert not {"delete", "deletecollection", "create", "update"} & set(rule["verbs"]) or rule[
-            "resources"
-        ] in (
-            ["events"],
-            ["falcorules/finalizers", "falcoconfigs/finalizers"],
-        ), rule
+        assert not {"delete", "deletecollection", "create", "update"} & set(rule["verbs"]), rule
+
+
+def test_operator_gets_no_rights_on_namespaces() -> None:
+    """kopf is given one exact namespace: without rights to list namespaces it uses the name as given
+    (kopf's scopes docs and observation.namespace_observer), and cluster-scoped resources are watched
+    cluster-wide regardless. The reason is written next to the rules, in the chart and in deploy/rbac."""
+    rendered = render({"operator": {"replicas": 2}})
+    for kind in RBAC_KINDS:
+        for role in rendered.kinds(kind):
+            assert not _grants(role["rules"], "namespaces"), role["metadata"]["name"]
+    operator = rendered.one("Deployment", "-operator")["spec"]["template"]["spec"]["containers"][0]
+    namespace = operator["args"][operator["args"].index("--namespace") + 1]
+    assert namespace == NAMESPACE and not set(namespace) & set(",*?!"), "an exact name, not a pattern"
+    for path in (CHART_DIR / "templates" / "operator" / "rbac.yaml", STANDALONE_RBAC):
+        assert "No rights on namespaces, on purpose" in path.read_text(), path
+
+
+def test_operator_role_in_its_namespace() -> None:
+    role = render().one("Role", "-operator")
+    assert _grants(role["rules"], "pods") == {"get", "list", "watch"}
+    assert _grants(role["rules"], "events") == {"create"}
+    assert not _grants(role["rules"], "kopfpeerings"), "the operator's peering is cluster-wide"
+
+
+def _standalone_rbac() -> dict[str, dict[str, Any]]:
+    return {doc["kind"]: doc for doc in yaml.safe_load_all(STANDALONE_RBAC.read_text()) if doc}
+
+
+def _rule_set(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    """Rules as (group, resource, verb) triples, so that grouping and order do not matter."""
+    return {
+        (group, resource, verb)
+        for rule in rules
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+# What deploy/rbac/operator-rbac.yaml grants beyond the chart: the operator run without Helm manages
+# its own ValidatingWebhookConfiguration (the chart installs it and passes --no-manage-webhook-configuration).
+STANDALONE_ONLY = {
+    ("admissionregistration.k8s.io", "validatingwebhookconfigurations", verb)
+    for verb in ("get", "list", "watch", "create", "patch")
+}
+
+
+def test_standalone_rbac_agrees_with_the_chart() -> None:
+    standalone = _standalone_rbac()
+    rendered = render({"operator": {"peering": {"enabled": True}}})
+    chart_cluster = _rule_set(_rules(rendered, "ClusterRole", "-operator"))
+    assert _rule_set(standalone["ClusterRole"]["rules"]) == chart_cluster | STANDALONE_ONLY
+    assert _rule_set(standalone["Role"]["rules"]) == _rule_set(_rules(rendered, "Role", "-operator"))
+    operator_args = rendered.one("Deployment", "-operator")["spec"]["template"]["spec"]["containers"][0][
+        "args"
+    ]
+    assert "--no-manage-webhook-configuration" in operator_args
+    namespace = standalone["ServiceAccount"]["metadata"]["namespace"]
+    assert standalone["Role"]["metadata"]["namespace"] == namespace
+    for binding in (standalone["ClusterRoleBinding"], standalone["RoleBinding"]):
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "falco-api-operator", "namespace": namespace}
+        ]
 
 
 @pytest.mark.parametrize("component", ["operator", "relay"])
@@ -107,7 +165,6 @@ def test_peering_rights_come_with_peering(values: dict[str, Any]) -> None:
         g for r in cluster_rules if "clusterkopfpeerings" in r["resources"] for g in r["apiGroups"]
     }
     assert peering_groups == {"kopf.dev", "zalando.org"}
-    assert _grants(_rules(rendered, "Role", "-operator"), "kopfpeerings") == {"get", "list", "watch", "patch"}
 
 
 def test_falco_pods_get_no_api_token() -> None:
@@ -273,3 +330,27 @@ def test_helm_generated_certificates_chain_to_the_webhook_ca_bundle() -> None:
         assert dns_name in sans.get_values_for_type(x509.DNSName)
         usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
         assert ExtendedKeyUsageOID.CLIENT_AUTH in usages and ExtendedKeyUsageOID.SERVER_AUTH in usages
+
+
+# --- the sidecar's server name -----------------------------------------------------------------------
+
+
+def _sidecar_dns_names(rendered: Rendered) -> list[str]:
+    if rendered.kinds("Certificate"):
+        names: list[str] = _cert_manager_certificates(rendered)["sidecar"]["dnsNames"]
+        return names
+    secret = rendered.one("Secret", "-sidecar-tls")
+    sans = _load(secret, "tls.crt").extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return list(sans.get_values_for_type(x509.DNSName))
+
+
+@pytest.mark.parametrize("cert_manager", [True, False], ids=["cert-manager", "helm-generated"])
+def test_clients_check_the_name_the_sidecar_certificate_carries(cert_manager: bool) -> None:
+    rendered = render(
+        {"certManager": {"enabled": cert_manager}, "tls": {"sidecarServerName": "sidecar.falco-api.internal"}}
+    )
+    assert _sidecar_dns_names(rendered) == ["sidecar.falco-api.internal"]
+    operator = rendered.one("Deployment", "-operator")["spec"]["template"]["spec"]["containers"][0]["args"]
+    relay = rendered.one("Deployment", "-relay")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert operator[operator.index("--sidecar-server-name") + 1] == "sidecar.falco-api.internal"
+    assert relay[relay.index("--upstream-server-name") + 1] == "sidecar.falco-api.internal"

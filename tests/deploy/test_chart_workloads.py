@@ -20,7 +20,7 @@ def _pod_spec(workload: dict[str, Any]) -> dict[str, Any]:
 
 
 def _sidecar(rendered: Rendered) -> dict[str, Any]:
-    return container(_pod_spec(rendered.one("DaemonSet")), "falco-api")
+    return container(_pod_spec(rendered.one("DaemonSet")), "falco-api", init=True)
 
 
 def _mounts(c: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -49,6 +49,8 @@ def test_sidecar_gets_its_real_flags() -> None:
     assert flag(args, "--metrics-listen") == "0.0.0.0:9376"
     assert (flag(args, "--tls-cert"), flag(args, "--tls-key"), flag(args, "--tls-ca")) == SIDECAR_TLS
     assert flag(args, "--managed-root") == "/etc/falco/falco-api"
+    assert flag(args, "--falco-config") == "/etc/falco-api/falco-config/falco.yaml"
+    assert flag(args, "--base-rules") == "/etc/falco-api/base-rules/falco_rules.yaml"
     assert flag(args, "--authz-config") == "/etc/falco-api/authz/authz.yaml"
     assert flag(args, "--k8saudit-url") == "http://127.0.0.1:9765/k8s-audit"
     assert flag(args, "--node-name") == "$(NODE_NAME)"
@@ -91,7 +93,7 @@ def test_managed_files_are_shared_on_an_emptydir_falco_only_reads() -> None:
     rendered = render()
     pod = _pod_spec(rendered.one("DaemonSet"))
     falco_mount = _mounts(container(pod, "falco"))["/etc/falco/falco-api"]
-    sidecar_mount = _mounts(container(pod, "falco-api"))["/etc/falco/falco-api"]
+    sidecar_mount = _mounts(container(pod, "falco-api", init=True))["/etc/falco/falco-api"]
     assert falco_mount["name"] == sidecar_mount["name"]
     assert falco_mount.get("readOnly") is True
     assert not sidecar_mount.get("readOnly", False)
@@ -127,7 +129,8 @@ def test_falco_uses_modern_ebpf_privileged_by_default() -> None:
     pod = _pod_spec(rendered.one("DaemonSet"))
     assert falco_yaml(rendered)["engine"]["kind"] == "modern_ebpf"
     assert container(pod, "falco")["securityContext"] == {"privileged": True}
-    assert "initContainers" not in pod, "modern_ebpf needs no driver loader"
+    init_names = [c["name"] for c in pod["initContainers"]]
+    assert "falco-driver-loader" not in init_names, "modern_ebpf needs no driver loader"
     for host_path in ("/proc", "/etc"):
         assert any(v.get("hostPath", {}).get("path") == host_path for v in pod["volumes"]), host_path
 
@@ -162,6 +165,8 @@ def test_kmod_cannot_be_least_privileged() -> None:
 def test_falco_yaml_wires_falco_to_the_sidecar() -> None:
     config = falco_yaml(render())
     assert config["json_output"] is True
+    assert config["json_include_output_property"] is True
+    assert config["json_include_output_fields_property"] is True
     assert config["http_output"] == {"enabled": True, "url": "http://127.0.0.1:2801/"}
     webserver = config["webserver"]
     assert webserver["enabled"] is True
@@ -169,25 +174,99 @@ def test_falco_yaml_wires_falco_to_the_sidecar() -> None:
     assert webserver["prometheus_metrics_enabled"] is True
     assert config["metrics"]["enabled"] is True
     assert config["watch_config_files"] is True
-    assert config["rules_files"] == ["/etc/falco/falco_rules.yaml", "/etc/falco/falco-api/current/rules.d"]
-    assert config["config_files"] == ["/etc/falco/falco-api/current/config.d"]
 
 
-def test_managed_paths_are_values() -> None:
-    managed = {"root": "/var/falco-api", "rulesDir": "/var/falco-api/r", "configDir": "/var/falco-api/c"}
-    rendered = render({"managed": managed})
+def test_falco_lists_the_one_managed_file_and_no_managed_rules_folder() -> None:
+    config = falco_yaml(render())
+    # A plain string entry: Falco's default strategy (append), which appends the managed rules folder.
+    assert config["config_files"] == ["/etc/falco/falco-api/falco-api.yaml"]
+    assert config["rules_files"] == ["/etc/falco/falco_rules.yaml"]
+
+
+def test_the_listed_file_is_where_the_sidecar_store_writes_it(tmp_path: Path) -> None:
+    """Cross-check with the sidecar's store: the entry Falco lists is the store's live file, and the
+    rules folder that file names lies on the volume Falco mounts."""
+    managed = pytest.importorskip("falco_api_sidecar.managed")
+    rendered = render({"managed": {"root": "/var/lib/falco-api"}})
+    pod = _pod_spec(rendered.one("DaemonSet"))
+    falco_mounts = _mounts(container(pod, "falco"))
+    sidecar_args = container(pod, "falco-api", init=True)["args"]
+    sidecar_root = flag(sidecar_args, "--managed-root")
+    # Without --falco-managed-root the store writes paths as the sidecar sees them: same mount path.
+    assert "--falco-managed-root" not in sidecar_args
+    assert sidecar_root in falco_mounts
+
+    store = managed.ManagedStore.open(tmp_path / "root", falco_root=Path(sidecar_root))
+    (listed,) = falco_yaml(rendered)["config_files"]
+    assert listed == str(store.falco_config_file)
+    written = yaml.safe_load(store.config_file.read_text())
+    (rules_folder,) = written["rules_files"]
+    assert rules_folder.startswith(sidecar_root + "/")
+
+
+def test_managed_root_is_a_value() -> None:
+    rendered = render({"managed": {"root": "/var/falco-api"}})
     config = falco_yaml(rendered)
-    assert config["rules_files"][-1] == "/var/falco-api/r"
-    assert config["config_files"] == ["/var/falco-api/c"]
+    assert config["config_files"] == ["/var/falco-api/falco-api.yaml"]
+    assert not [entry for entry in config["rules_files"] if entry.startswith("/var/falco-api")]
     assert flag(_sidecar(rendered)["args"], "--managed-root") == "/var/falco-api"
     assert "/var/falco-api" in _mounts(_sidecar(rendered))
+    assert "/var/falco-api" in _mounts(container(_pod_spec(rendered.one("DaemonSet")), "falco"))
 
 
-def test_managed_layout_where_the_drop_in_names_the_rules() -> None:
-    rendered = render({"managed": {"rulesDir": "", "configDir": "/etc/falco/falco-api/falco-api.yaml"}})
-    config = falco_yaml(rendered)
-    assert config["rules_files"] == ["/etc/falco/falco_rules.yaml"]
-    assert config["config_files"] == ["/etc/falco/falco-api/falco-api.yaml"]
+def test_sidecar_starts_before_falco_so_the_managed_file_exists() -> None:
+    """Falco neither loads nor watches a config_files entry missing when it starts: the sidecar (which
+    creates falco-api.yaml when it opens its store) runs as a native sidecar whose startup probe holds
+    the Falco container back."""
+    pod = _pod_spec(render().one("DaemonSet"))
+    assert [c["name"] for c in pod["containers"]] == ["falco"]
+    sidecar = container(pod, "falco-api", init=True)
+    assert sidecar["restartPolicy"] == "Always"
+    assert sidecar["startupProbe"]["tcpSocket"]["port"] == "metrics"
+    assert flag(sidecar["args"], "--metrics-listen") != "off"
+    assert [c["name"] for c in pod["initContainers"]][-1] == "falco-api", "the sidecar is the last init"
+
+
+def test_sidecar_reads_falcos_falco_yaml_read_only() -> None:
+    pod = _pod_spec(render().one("DaemonSet"))
+    sidecar = container(pod, "falco-api", init=True)
+    config_path = Path(flag(sidecar["args"], "--falco-config"))
+    mount = _mounts(sidecar)[str(config_path.parent)]
+    assert mount["readOnly"] is True
+    assert "subPath" not in mount, "a subPath mount never sees ConfigMap updates"
+    volume = _volumes(pod)[mount["name"]]
+    assert volume["configMap"]["name"] == "fa-falco-api-falco"
+    assert {"key": "falco.yaml", "path": config_path.name} in volume["configMap"]["items"]
+    # The very volume Falco reads its falco.yaml from.
+    assert _mounts(container(pod, "falco"))["/etc/falco/falco.yaml"]["name"] == mount["name"]
+
+
+def test_default_ruleset_is_copied_out_of_the_falco_image_for_the_sidecar() -> None:
+    pod = _pod_spec(render().one("DaemonSet"))
+    copier = container(pod, "falco-api-base-rules", init=True)
+    assert copier["image"] == container(pod, "falco")["image"], "the ruleset Falco loads is in its image"
+    assert copier["command"][:2] == ["cp", "/etc/falco/falco_rules.yaml"]
+    destination = Path(copier["command"][2])
+    copier_mount = _mounts(copier)[str(destination.parent)]
+    assert _volumes(pod)[copier_mount["name"]] == {"name": copier_mount["name"], "emptyDir": {}}
+    assert copier["securityContext"]["runAsNonRoot"] is True
+    assert copier["securityContext"]["readOnlyRootFilesystem"] is True
+
+    sidecar = container(pod, "falco-api", init=True)
+    base_rules = Path(flag(sidecar["args"], "--base-rules"))
+    sidecar_mount = _mounts(sidecar)[str(base_rules.parent)]
+    assert sidecar_mount["name"] == copier_mount["name"] and sidecar_mount["readOnly"] is True
+    assert base_rules.name == destination.name
+    init_names = [c["name"] for c in pod["initContainers"]]
+    assert init_names.index("falco-api-base-rules") < init_names.index("falco-api")
+
+
+def test_no_default_ruleset_copy_when_falco_does_not_load_it() -> None:
+    rendered = render({"falco": {"rulesFiles": ["/etc/falco/my_rules.yaml"]}})
+    pod = _pod_spec(rendered.one("DaemonSet"))
+    assert "falco-api-base-rules" not in [c["name"] for c in pod["initContainers"]]
+    assert "--base-rules" not in container(pod, "falco-api", init=True)["args"]
+    assert falco_yaml(rendered)["rules_files"] == ["/etc/falco/my_rules.yaml"]
 
 
 def test_user_config_merges_but_cannot_unwire_the_sidecar() -> None:
@@ -230,17 +309,32 @@ def test_without_falco_no_daemonset_but_values_for_the_falco_chart() -> None:
     assert values["podLabels"] == {"app.kubernetes.io/component": "falco"}
     sidecar = values["extra"]["initContainers"][0]
     assert sidecar["restartPolicy"] == "Always", "the sidecar must join as a native sidecar container"
+    assert sidecar["startupProbe"]["tcpSocket"]["port"] == "metrics"
     assert sidecar["name"] == "falco-api"
     assert flag(sidecar["args"], "--ingest-listen") == "127.0.0.1:2801"
     falco = values["falco"]
     assert falco["http_output"]["url"] == "http://127.0.0.1:2801/"
     assert falco["json_output"] is True and falco["watch_config_files"] is True
-    assert "/etc/falco/falco-api/current/rules.d" in falco["rules_files"]
-    assert falco["config_files"] == ["/etc/falco/config.d", "/etc/falco/falco-api/current/config.d"]
+    assert falco["rules_files"] == [
+        "/etc/falco/falco_rules.yaml",
+        "/etc/falco/falco_rules.local.yaml",
+        "/etc/falco/rules.d",
+    ]
+    assert falco["config_files"] == ["/etc/falco/config.d", "/etc/falco/falco-api/falco-api.yaml"]
     assert "listen_address" not in falco["webserver"], "the falco chart's kubelet probes call the webserver"
     assert values["metrics"]["enabled"] is True
+    # The falco chart's pods already have these two volumes: its falco.yaml ConfigMap, and the folder
+    # falcoctl installs falco_rules.yaml into (mounted at /etc/falco in its Falco container).
+    falco_chart_volumes = {"falco-yaml", "rulesfiles-install-dir"}
     volumes = {v["name"] for v in values["mounts"]["volumes"]}
-    assert {m["name"] for m in sidecar["volumeMounts"]} <= volumes
+    assert not volumes & falco_chart_volumes
+    assert {m["name"] for m in sidecar["volumeMounts"]} <= volumes | falco_chart_volumes
+    mounts = {m["name"]: m for m in sidecar["volumeMounts"]}
+    assert Path(flag(sidecar["args"], "--falco-config")).parent == Path(mounts["falco-yaml"]["mountPath"])
+    base_rules = Path(flag(sidecar["args"], "--base-rules"))
+    assert base_rules.parent == Path(mounts["rulesfiles-install-dir"]["mountPath"])
+    assert base_rules.name == "falco_rules.yaml"
+    assert all(mounts[name]["readOnly"] for name in falco_chart_volumes)
     assert values["mounts"]["volumeMounts"] == [
         {"name": "falco-api-managed", "mountPath": "/etc/falco/falco-api", "readOnly": True}
     ]
@@ -264,6 +358,7 @@ def test_operator_args() -> None:
     assert flag(args, "--webhook-cert") == "/etc/falco-api/webhook/tls.crt"
     assert flag(args, "--webhook-key") == "/etc/falco-api/webhook/tls.key"
     assert flag(args, "--liveness") == "http://0.0.0.0:8080/healthz"
+    assert flag(args, "--sidecar-server-name") == "falco-api-sidecar"
     assert "--no-manage-webhook-configuration" in args, "the chart owns the webhook configuration"
     assert "--peering" not in args
 
@@ -304,6 +399,7 @@ def test_relay_deployment_and_service() -> None:
     assert (flag(args, "--tls-cert"), flag(args, "--tls-key"), flag(args, "--tls-ca")) == SIDECAR_TLS
     assert flag(args, "--sidecar-selector") == "app.kubernetes.io/component=falco"
     assert flag(args, "--sidecar-port-name") == "falco-api"
+    assert flag(args, "--upstream-server-name") == "falco-api-sidecar"
     service = rendered.one("Service", "-relay")
     assert service["spec"]["ports"][0]["targetPort"] == "falco-api"
 

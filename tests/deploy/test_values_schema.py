@@ -20,7 +20,11 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
     "legacy-ebpf-driver": ({"falco": {"driver": {"kind": "ebpf"}}}, "kind"),
     "port-out-of-range": ({"sidecar": {"metricsPort": 70000}}, "metricsPort"),
     "webhook-timeout-over-30s": ({"operator": {"webhook": {"timeoutSeconds": 31}}}, "timeoutSeconds"),
-    "relative-managed-path": ({"managed": {"rulesDir": "rules.d"}}, "rulesDir"),
+    "relative-managed-path": ({"managed": {"root": "falco-api"}}, "root"),
+    "removed-managed-rules-dir": (
+        {"managed": {"rulesDir": "/etc/falco/falco-api/current/rules.d"}},
+        "rulesDir",
+    ),
     "unknown-authz-role": ({"authz": {"extraIdentities": [{"commonName": "x", "role": "admin"}]}}, "role"),
     "empty-discovery-selector": (
         {"discovery": {"sidecarSelector": {"app.kubernetes.io/component": None}}},

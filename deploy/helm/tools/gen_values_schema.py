@@ -134,10 +134,8 @@ schema: dict[str, Any] = {
             },
             required=["enabled"],
         ),
-        "managed": obj(
-            {"root": ABS_PATH, "rulesDir": {"type": "string", "pattern": "^(/.*)?$"}, "configDir": ABS_PATH},
-            required=["root", "rulesDir", "configDir"],
-        ),
+        # Only the root: the store's layout under it is fixed (Falco lists <root>/falco-api.yaml).
+        "managed": obj({"root": ABS_PATH}, required=["root"]),
         "sidecar": obj(
             {
                 "grpcPort": PORT,

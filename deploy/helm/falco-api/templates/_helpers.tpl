@@ -162,24 +162,48 @@ kopf peering is needed as soon as two operators could run at once.
 {{- end }}
 
 {{/*
+Where the sidecar sees Falco's files (all read-only): falco.yaml (the ConfigMap volume `falco-yaml`,
+which the falcosecurity/falco chart's pods have under the same name) and the rules files Falco loads
+before the managed ones.
+*/}}
+{{- define "falco-api.sidecarFalcoConfigDir" -}}/etc/falco-api/falco-config{{- end }}
+{{- define "falco-api.sidecarBaseRulesDir" -}}/etc/falco-api/base-rules{{- end }}
+
+{{/*
+Falco's default ruleset is in the Falco image, not in ours: the sidecar validates managed rules that
+use its macros and lists against a copy. Only when Falco loads it (it is in falco.rulesFiles).
+*/}}
+{{- define "falco-api.copiesDefaultRules" -}}
+{{- if has "/etc/falco/falco_rules.yaml" .Values.falco.rulesFiles }}true{{ end }}
+{{- end }}
+
+{{/*
 The falco-api sidecar container. Shared by the chart's own DaemonSet and by the values printed for the
 falcosecurity/falco chart (falco.enabled=false), so both run the sidecar the same way.
+Usage: include "falco-api.sidecarContainer" (dict "ctx" . "baseRulesVolume" "<volume holding falco_rules.yaml, or empty>")
+
+It runs as a native sidecar (an init container with restartPolicy: Always) with a startup probe, so
+that Falco starts only once the sidecar is up: the sidecar creates <managed root>/falco-api.yaml when
+it opens its store, and Falco neither loads nor watches a config_files entry missing at its start.
 */}}
 {{- define "falco-api.sidecarContainer" -}}
+{{- $ := .ctx -}}
+{{- $values := $.Values -}}
 name: falco-api
-image: {{ include "falco-api.image" . }}
-imagePullPolicy: {{ .Values.image.pullPolicy }}
+image: {{ include "falco-api.image" $ }}
+imagePullPolicy: {{ $values.image.pullPolicy }}
+restartPolicy: Always
 command:
   - falco-api-sidecar
 args:
   - --grpc-listen
-  - 0.0.0.0:{{ .Values.sidecar.grpcPort }}
+  - 0.0.0.0:{{ $values.sidecar.grpcPort }}
   - --ingest-listen
-  - 127.0.0.1:{{ .Values.sidecar.ingestPort }}
+  - 127.0.0.1:{{ $values.sidecar.ingestPort }}
   - --falco-url
-  - http://127.0.0.1:{{ .Values.falco.webserver.port }}
+  - http://127.0.0.1:{{ $values.falco.webserver.port }}
   - --metrics-listen
-  - 0.0.0.0:{{ .Values.sidecar.metricsPort }}
+  - 0.0.0.0:{{ $values.sidecar.metricsPort }}
   - --tls-cert
   - /etc/falco-api/tls/tls.crt
   - --tls-key
@@ -189,12 +213,18 @@ args:
   - --node-name
   - $(NODE_NAME)
   - --managed-root
-  - {{ .Values.managed.root }}
+  - {{ $values.managed.root }}
+  - --falco-config
+  - {{ include "falco-api.sidecarFalcoConfigDir" $ }}/falco.yaml
+  {{- if .baseRulesVolume }}
+  - --base-rules
+  - {{ include "falco-api.sidecarBaseRulesDir" $ }}/falco_rules.yaml
+  {{- end }}
   - --authz-config
   - /etc/falco-api/authz/authz.yaml
   - --k8saudit-url
-  - {{ .Values.sidecar.k8sauditUrl }}
-  {{- with .Values.sidecar.extraArgs }}
+  - {{ $values.sidecar.k8sauditUrl }}
+  {{- with $values.sidecar.extraArgs }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
 env:
@@ -204,12 +234,18 @@ env:
         fieldPath: spec.nodeName
 ports:
   - name: falco-api
-    containerPort: {{ .Values.sidecar.grpcPort }}
+    containerPort: {{ $values.sidecar.grpcPort }}
     protocol: TCP
   - name: metrics
-    containerPort: {{ .Values.sidecar.metricsPort }}
+    containerPort: {{ $values.sidecar.metricsPort }}
     protocol: TCP
-{{- /* kubelet gRPC probes cannot present a client certificate, so probe the plain metrics port. */}}
+{{- /* kubelet gRPC probes cannot present a client certificate, so probe the plain metrics port. The
+sidecar binds it after its managed store is open, i.e. after falco-api.yaml exists. */}}
+startupProbe:
+  tcpSocket:
+    port: metrics
+  periodSeconds: 2
+  failureThreshold: 60
 readinessProbe:
   tcpSocket:
     port: metrics
@@ -220,12 +256,20 @@ livenessProbe:
   periodSeconds: 20
   failureThreshold: 3
 resources:
-  {{- toYaml .Values.sidecar.resources | nindent 2 }}
+  {{- toYaml $values.sidecar.resources | nindent 2 }}
 securityContext:
-  {{- toYaml .Values.sidecar.securityContext | nindent 2 }}
+  {{- toYaml $values.sidecar.securityContext | nindent 2 }}
 volumeMounts:
   - name: falco-api-managed
-    mountPath: {{ .Values.managed.root }}
+    mountPath: {{ $values.managed.root }}
+  - name: falco-yaml
+    mountPath: {{ include "falco-api.sidecarFalcoConfigDir" $ }}
+    readOnly: true
+  {{- with .baseRulesVolume }}
+  - name: {{ . }}
+    mountPath: {{ include "falco-api.sidecarBaseRulesDir" $ }}
+    readOnly: true
+  {{- end }}
   - name: falco-api-tls
     mountPath: /etc/falco-api/tls
     readOnly: true
@@ -237,7 +281,34 @@ volumeMounts:
 {{- end }}
 
 {{/*
-The volumes the sidecar needs, in whichever pod it runs.
+The init container that copies Falco's default ruleset out of the Falco image for the sidecar. It
+overrides the image's entrypoint and runs `cp` only, unprivileged.
+*/}}
+{{- define "falco-api.baseRulesInitContainer" -}}
+name: falco-api-base-rules
+image: {{ include "falco-api.falcoImage" . }}
+imagePullPolicy: {{ .Values.falco.image.pullPolicy }}
+command:
+  - cp
+  - /etc/falco/falco_rules.yaml
+  - {{ include "falco-api.sidecarBaseRulesDir" . }}/falco_rules.yaml
+resources:
+  requests:
+    cpu: 10m
+    memory: 16Mi
+  limits:
+    cpu: 100m
+    memory: 64Mi
+securityContext:
+  {{- toYaml .Values.sidecar.securityContext | nindent 2 }}
+volumeMounts:
+  - name: falco-api-base-rules
+    mountPath: {{ include "falco-api.sidecarBaseRulesDir" . }}
+{{- end }}
+
+{{/*
+The volumes the sidecar needs, in whichever pod it runs (`falco-yaml` and the base rules volume are
+the pod's own: the chart's DaemonSet defines them, the falcosecurity/falco chart has them).
 */}}
 {{- define "falco-api.sidecarVolumes" -}}
 - name: falco-api-managed
@@ -253,22 +324,29 @@ The volumes the sidecar needs, in whichever pod it runs.
 {{- end }}
 
 {{/*
+The one managed file Falco is told about (listed as a file in config_files, strategy append): the
+sidecar replaces it atomically on every apply, and it names the current generation's rules folder.
+*/}}
+{{- define "falco-api.managedConfigFile" -}}
+{{- printf "%s/falco-api.yaml" (trimSuffix "/" .Values.managed.root) }}
+{{- end }}
+
+{{/*
 The falco.yaml settings that connect Falco to the sidecar. Applied over falco.config, so a user value
 cannot silently disconnect them.
 */}}
 {{- define "falco-api.falcoWiring" -}}
+{{- /* No managed folder here: falco-api.yaml appends the current generation's rules folder. */}}
 rules_files:
   {{- range .Values.falco.rulesFiles }}
   - {{ . }}
   {{- end }}
-  {{- with .Values.managed.rulesDir }}
-  - {{ . }}
-  {{- end }}
 config_files:
-  - {{ .Values.managed.configDir }}
+  - {{ include "falco-api.managedConfigFile" . }}
 watch_config_files: true
 json_output: true
 json_include_output_property: true
+json_include_output_fields_property: true
 json_include_tags_property: true
 http_output:
   enabled: true
@@ -384,17 +462,17 @@ Called once per render, by webhook.yaml, because the webhook's caBundle must be 
 
 {{/*
 Values for the falcosecurity/falco chart that add the sidecar to its pods (falco.enabled=false).
-The sidecar joins as a native sidecar (an init container with restartPolicy: Always): that chart takes
-extra init containers but no extra containers. Its webserver keeps listening on all addresses there,
+The sidecar joins as a native sidecar (an init container with restartPolicy: Always), as in the chart's
+own DaemonSet; that chart takes extra init containers, placed before its own. Its webserver keeps listening on all addresses there,
 since that chart's kubelet probes call it.
 */}}
 {{- define "falco-api.falcoChartValues" -}}
 {{- $wiring := fromYaml (include "falco-api.falcoWiring" .) }}
 {{- $_ := unset $wiring.webserver "listen_address" }}
-{{- $_ = set $wiring "rules_files" (concat (list "/etc/falco/falco_rules.yaml" "/etc/falco/falco_rules.local.yaml" "/etc/falco/rules.d") (compact (list .Values.managed.rulesDir))) }}
-{{- $_ = set $wiring "config_files" (list "/etc/falco/config.d" .Values.managed.configDir) }}
-{{- $sidecar := fromYaml (include "falco-api.sidecarContainer" .) }}
-{{- $_ = set $sidecar "restartPolicy" "Always" }}
+{{- $_ = set $wiring "rules_files" (list "/etc/falco/falco_rules.yaml" "/etc/falco/falco_rules.local.yaml" "/etc/falco/rules.d") }}
+{{- $_ = set $wiring "config_files" (list "/etc/falco/config.d" (include "falco-api.managedConfigFile" .)) }}
+{{- /* falcoctl installs falco_rules.yaml into that chart's rulesfiles-install-dir (its /etc/falco). */}}
+{{- $sidecar := fromYaml (include "falco-api.sidecarContainer" (dict "ctx" . "baseRulesVolume" "rulesfiles-install-dir")) }}
 {{- $values := dict
   "podLabels" .Values.discovery.sidecarSelector
   "falco" $wiring
