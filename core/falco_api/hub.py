@@ -17,7 +17,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -111,18 +111,30 @@ class Subscription(Generic[T]):
 
     def _record_loss(self, entry: Entry[T]) -> None:
         now = time.time()
-        gap = self._pending_gap
-        if gap is None:
-            self._pending_gap = Gap(1, GAP_OVERFLOW, entry.origin, entry.seq, entry.seq, now, now)
-        else:
-            gap.missed += 1
-            gap.last_seq = entry.seq
-            gap.last_time = now
-            if gap.origin != entry.origin:
-                gap.origin = ""  # spans several origins (relay): seq bounds mean nothing then
-                gap.first_seq = gap.last_seq = 0
-        self.total_missed += 1
+        self._merge_gap(Gap(1, GAP_OVERFLOW, entry.origin, entry.seq, entry.seq, now, now))
         self._hub._on_loss()
+
+    def note_loss(self, gap: Gap) -> None:
+        """Entries lost before they reached the hub (e.g. upstream of a relay): report them in place,
+        like an overflow of this subscriber's own queue."""
+        if self.closed:
+            return
+        self._merge_gap(replace(gap))
+        self._wake.set()
+
+    def _merge_gap(self, gap: Gap) -> None:
+        pending = self._pending_gap
+        if pending is None:
+            self._pending_gap = gap
+        else:
+            pending.missed += gap.missed
+            pending.last_time = gap.last_time
+            if pending.origin != gap.origin:
+                pending.origin = ""  # spans several origins (relay): seq bounds mean nothing then
+                pending.first_seq = pending.last_seq = 0
+            else:
+                pending.last_seq = gap.last_seq
+        self.total_missed += gap.missed
 
     async def next(self) -> Delivery[T] | None:
         """The next delivery, waiting for one; None once the subscription is over and drained."""
@@ -243,6 +255,15 @@ class Hub(Generic[T]):
             self._subscriptions.add(subscription)
         self.stats.subscriptions_opened += 1
         return subscription
+
+    def publish_gap(self, gap: Gap) -> int:
+        """Tell every live subscriber about entries lost before publication; returns how many."""
+        told = 0
+        for subscription in self._subscriptions:
+            if not subscription.closed:
+                subscription.note_loss(gap)
+                told += 1
+        return told
 
     def close(self) -> None:
         """Shutting down: every subscription ends after draining what it has queued."""

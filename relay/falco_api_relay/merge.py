@@ -66,46 +66,6 @@ def alert_from_response(response: outputs_pb2.response) -> Alert:
     )
 
 
-def broadcast_gap(hub: Hub[Alert], gap: Gap) -> int:
-    """Tell every live subscriber of ``hub`` about ``gap``; returns how many were told.
-
-    Every subscriber is told whatever its filters: the relay subscribes to sidecars
-    unfiltered, so it cannot know which of the lost alerts a subscriber wanted (an
-    upper bound, like the sidecar's own ``evicted_before_resume``). The notice is
-    queued exactly like a local overflow: alone when the subscriber is idle, else
-    on the next alert it receives (``missed_before`` for legacy clients).
-
-    This reaches into :class:`falco_api.hub.Subscription`'s pending-gap state because
-    the core hub has no call for a loss that happened before publication; see
-    docs/relay.md for the core addition that would replace this adapter.
-    """
-    told = 0
-    for subscription in hub.subscriptions:
-        if subscription.closed:
-            continue
-        _note_loss(subscription, gap)
-        told += 1
-    return told
-
-
-def _note_loss(subscription: Subscription[Alert], gap: Gap) -> None:
-    pending = subscription._pending_gap
-    if pending is None:
-        subscription._pending_gap = UpstreamGap(
-            gap.missed, gap.reason, gap.origin, gap.first_seq, gap.last_seq, gap.first_time, gap.last_time
-        )
-    else:
-        pending.missed += gap.missed
-        pending.last_time = gap.last_time
-        if pending.origin != gap.origin:
-            pending.origin = ""
-            pending.first_seq = pending.last_seq = 0
-        else:
-            pending.last_seq = gap.last_seq
-    subscription.total_missed += gap.missed
-    subscription._wake.set()
-
-
 class RecentDigests:
     """The last ``size`` distinct items seen, by digest: recognises replayed drop reports."""
 
@@ -226,7 +186,7 @@ class RelayStreams:
             cursor.seq = wire.last_seq
         now = time.time()
         gap = UpstreamGap(wire.missed, wire.reason, wire.origin, wire.first_seq, wire.last_seq, now, now)
-        broadcast_gap(self.alerts, gap)
+        self.alerts.publish_gap(gap)
         self.stats.gaps += 1
         self.stats.missed += wire.missed
         return gap
