@@ -134,3 +134,22 @@ async def test_cancel_removes_the_subscription() -> None:
     subscription.cancel()
     hub.publish(entry(1))
     assert hub.subscriptions == frozenset() and subscription.depth == 0
+
+
+async def test_a_loss_before_publication_reaches_live_subscribers_in_place() -> None:
+    from falco_api.hub import Gap
+
+    hub: Hub[int] = Hub(replay_size=0, queue_size=10)
+    legacy = hub.subscribe(lambda n: True, follow=True, report_idle_gaps=False)
+    api = hub.subscribe(lambda n: True, follow=True)
+    hub.publish(entry(1))
+    assert hub.publish_gap(Gap(4, "evicted_before_resume", "a", 2, 5)) == 2
+    hub.publish(entry(6))
+    hub.close()
+    legacy_view = await drain(legacy)
+    assert seqs(legacy_view) == [1, 6]
+    assert legacy_view[1].gap is not None and legacy_view[1].gap.missed == 4
+    api_view = await drain(api)
+    assert seqs(api_view) == [1, 6] and api_view[1].gap is not None
+    assert (api_view[1].gap.first_seq, api_view[1].gap.last_seq) == (2, 5)
+    assert legacy.total_missed == 4
