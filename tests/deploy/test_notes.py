@@ -12,7 +12,17 @@ def test_notes_for_the_default_install() -> None:
     assert "cert-manager" in notes
     assert "falco-api-operator is writer" in notes and "falco-api-relay is reader" in notes
     assert "port-forward service/fa-falco-api-relay 5060" in notes
+    assert "/etc/falco/falco-api/falco-api.yaml" in notes, "why Falco waits for the sidecar"
+    assert "falco-api-sidecar" in notes and "tls.sidecarServerName" in notes
     assert "{{" not in notes and "<no value>" not in notes
+
+
+def test_notes_name_the_values_in_use() -> None:
+    notes = render(
+        {"managed": {"root": "/var/lib/falco-api"}, "tls": {"sidecarServerName": "sidecar.example"}}
+    ).notes
+    assert "/var/lib/falco-api/falco-api.yaml" in notes
+    assert "certificate names sidecar.example" in notes
 
 
 def test_notes_without_falco_explain_the_falco_chart_values() -> None:
@@ -22,6 +32,9 @@ def test_notes_without_falco_explain_the_falco_chart_values() -> None:
     assert "helm upgrade --install falco falcosecurity/falco" in notes
     for setting in ("podLabels", "http_output", "extra.initContainers", "mounts.volumes", "rules_files"):
         assert setting in notes, setting
+    assert "config_files + /etc/falco/falco-api/falco-api.yaml" in notes
+    assert "rulesfiles-install-dir" in notes and "falcoctl.artifact.install.enabled=true" in notes
+    assert "current/" not in notes, "the managed layout has no current/ folder"
     assert "daemonset/" not in notes
 
 
