@@ -398,3 +398,136 @@ class LineWriter:
         sent: tuple[int, float] = self._result.recv()
         self.process.join(5)
         return sent
+
+
+# --- the paced load generator (latency, stalled subscriber) -------------------------------------
+
+_ID_PLACEHOLDER = b"BENCHID0000000000"
+
+
+@dataclass
+class PacedSpec:
+    rate: float
+    seconds: float
+    http_port: int = 0  # POST to this port, or
+    line_path: str = ""  # write lines to this unix socket
+    connections: int = 4
+
+
+@dataclass
+class PacedReport:
+    sent: int = 0
+    send_ns: list[int] = field(default_factory=list)  # index = bench id
+    lag_ns: list[int] = field(default_factory=list)  # how late each send was against its schedule
+    rtt_ns: list[int] = field(default_factory=list)  # POST to its response (HTTP only)
+    non_204: int = 0
+
+
+async def _paced(spec: PacedSpec) -> PacedReport:
+    """Fixed-rate sends, scheduled every millisecond; ids are 0.. in send order.
+
+    HTTP requests are pipelined over a few keep-alive connections (responses come
+    back in order per connection), so the generator never waits for a response
+    before the next scheduled send.
+    """
+    templates = [alert_body(i, bench_id=0) for i in range(64)]
+    report = PacedReport()
+    clock = time.monotonic_ns
+    writers: list[asyncio.StreamWriter] = []
+    pending: list[list[int]] = []
+    readers: list[asyncio.Task[None]] = []
+
+    async def read_responses(reader: asyncio.StreamReader, queue: list[int]) -> None:
+        buffer = b""
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                return
+            buffer += data
+            while (end := buffer.find(b"\r\n\r\n")) >= 0:
+                head, buffer = buffer[:end], buffer[end + 4 :]
+                now = clock()
+                report.rtt_ns.append(now - queue.pop(0))
+                if not head.startswith(b"HTTP/1.1 204"):
+                    report.non_204 += 1
+
+    if spec.http_port:
+        for _ in range(spec.connections):
+            reader, writer = await asyncio.open_connection("127.0.0.1", spec.http_port)
+            queue: list[int] = []
+            writers.append(writer)
+            pending.append(queue)
+            readers.append(asyncio.create_task(read_responses(reader, queue)))
+    else:
+        _, writer = await asyncio.open_unix_connection(spec.line_path)
+        writers.append(writer)
+    total = int(spec.rate * spec.seconds)
+    interval_ns = 1e9 / spec.rate
+    start = clock()
+    sent = 0
+    while sent < total:
+        now = clock()
+        due = min(total, int((now - start) / interval_ns) + 1)
+        while sent < due:
+            body = templates[sent % 64].replace(_ID_PLACEHOLDER, b"BENCHID%010d" % sent)
+            target = sent % len(writers)
+            if spec.http_port:
+                data = (
+                    b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n" % len(body) + body
+                )
+            else:
+                data = body + b"\n"
+            sent_at = clock()
+            writers[target].write(data)
+            if spec.http_port:
+                pending[target].append(sent_at)
+            report.send_ns.append(sent_at)
+            report.lag_ns.append(sent_at - int(start + sent * interval_ns))
+            sent += 1
+        await asyncio.sleep(0.001)
+    for writer in writers:
+        await writer.drain()
+    deadline = time.monotonic() + 10
+    while any(pending) and time.monotonic() < deadline:  # noqa: ASYNC110 - several queues, polled briefly
+        await asyncio.sleep(0.01)
+    for task in readers:
+        task.cancel()
+    for writer in writers:
+        writer.close()
+    report.sent = sent
+    return report
+
+
+def _paced_main(spec: PacedSpec, result: multiprocessing.connection.Connection) -> None:
+    result.send(asyncio.run(_paced(spec)))
+
+
+class PacedGenerator:
+    """The fixed-rate generator in its own process."""
+
+    def __init__(self, spec: PacedSpec) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._result, child = context.Pipe()
+        self.process = context.Process(target=_paced_main, args=(spec, child), daemon=True)
+        self.process.start()
+
+    def join(self) -> PacedReport:
+        report: PacedReport = self._result.recv()
+        self.process.join(5)
+        return report
+
+
+def latency_stats(values_ns: Sequence[int]) -> dict[str, float]:
+    """p50 / p99 / max in milliseconds."""
+    ms = [v / 1e6 for v in values_ns]
+    return {
+        "p50_ms": percentile(ms, 0.50),
+        "p99_ms": percentile(ms, 0.99),
+        "max_ms": max(ms) if ms else 0.0,
+        "n": len(ms),
+    }
+
+
+def delivery_latencies(paced: PacedReport, receipts: Sequence[tuple[int, int]]) -> list[int]:
+    return [received - paced.send_ns[bench_id] for bench_id, received in receipts if bench_id < paced.sent]

@@ -250,3 +250,34 @@ async def test_a_subscriber_that_stopped_reading_never_holds_ingest_up(
     # Every chunk past the catch-up depth costs one short step, not the full pause.
     assert asyncio.get_running_loop().time() - started < 2.0
     assert stalled.depth == 2000 and stalled.total_missed == 1000
+
+
+# --- wired into the sidecar (once --line-ingest is in main.py: bench/patches/main-line-ingest.diff) --
+
+
+async def test_sidecar_flag_starts_line_ingest_and_stops_it(socket_dir: Path) -> None:
+    from falco_api_sidecar import main as sidecar_main
+
+    if not hasattr(sidecar_main.SidecarConfig, "line_ingest"):
+        pytest.skip("--line-ingest is not wired into the sidecar yet")
+    address = f"unix://{socket_dir}/alerts.sock"
+    flags = {
+        "--grpc-listen": f"unix://{socket_dir}/api.sock",
+        "--ingest-listen": "127.0.0.1:0",
+        "--metrics-listen": "off",
+        "--falco-url": "http://127.0.0.1:9",
+        "--line-ingest": address,
+    }
+    args = sidecar_main.build_parser().parse_args([part for pair in flags.items() for part in pair])
+    config = sidecar_main.config_from_args(args)
+    assert config.line_ingest == address
+    sidecar = sidecar_main.Sidecar(config)
+    await sidecar.start()
+    try:
+        subscription = sidecar.streams.alerts.subscribe(lambda _a: True, follow=True)
+        await write_and_close(socket_dir / "alerts.sock", line(0) + b"{oops\n")
+        assert len(await drain(subscription, 1)) == 1
+        await until(lambda: sidecar.streams.rejected["bad_json"] == 1)
+    finally:
+        await sidecar.stop()
+    assert not (socket_dir / "alerts.sock").exists()
