@@ -2,34 +2,19 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-import yaml
 
 from falco_api.contract.falco.api import apply_pb2, configs_pb2, rules_pb2, unary_pb2_grpc
-from falco_api.rules import Finding, RulesFile, validate_rules
-from falco_api.testing.falco_double import FalcoDouble
-from falco_api.testing.falco_reload import FalcoReloadModel
-from falco_api_sidecar.main import Sidecar, SidecarConfig
-from falco_api_sidecar.managed import ManagedStore
+from tests.real_sidecar import RealSidecar
 
 LOADED = rules_pb2.LoadStatus.STATE_LOADED
 FAILED = rules_pb2.LoadStatus.STATE_FAILED
 UNKNOWN = rules_pb2.LoadStatus.STATE_UNKNOWN
-
-BASE_RULES = """\
-- macro: spawned_process
-  condition: (evt.type in (execve, execveat) and evt.dir=<)
-- macro: container
-  condition: (container.id != host)
-"""
 
 SHELLS = """\
 - list: shell_binaries
@@ -60,81 +45,16 @@ NEEDS_A_PLUGIN = """\
 """
 
 
-def falco_like_validator(files: Sequence[RulesFile]) -> list[Finding]:
-    """What this double's Falco accepts: our validator's verdict, and only the sources it has loaded."""
-    findings = [f for f in validate_rules(files) if f.severity == "error"]
-    for rules_file in files:
-        for item in yaml.safe_load(rules_file.content) or []:
-            if isinstance(item, dict) and "rule" in item and item.get("source", "syscall") != "syscall":
-                findings.append(
-                    Finding(
-                        rules_file.name,
-                        "rule",
-                        str(item["rule"]),
-                        0,
-                        0,
-                        f"Unknown source {item['source']}, skipping",
-                        "error",
-                    )
-                )
-    return findings
-
-
-@dataclass
-class WritableSetup:
-    sidecar: Sidecar
-    falco: FalcoDouble
-    model: FalcoReloadModel
-    root: Path
-
-    @property
-    def target(self) -> str:
-        return f"unix://{self.root / 'api.sock'}"
+# One node: the tests read its sidecar, Falco double and reload model (tests/real_sidecar.py).
+WritableSetup = RealSidecar
 
 
 @pytest.fixture
-async def setup() -> AsyncIterator[WritableSetup]:
-    root = Path(tempfile.mkdtemp(prefix="fapi-w-"))
-    managed = root / "managed"
-    (root / "falco_rules.yaml").write_text(BASE_RULES)
-    falco_yaml = root / "falco.yaml"
-    falco_yaml.write_text(
-        yaml.safe_dump(
-            {
-                "rules_files": [str(root / "falco_rules.yaml")],
-                "config_files": [str(managed / "falco-api.yaml")],
-                "json_output": True,
-                "priority": "debug",
-            }
-        )
-    )
-    ManagedStore.open(managed)  # the layout Falco is told about exists before Falco starts
-    falco = FalcoDouble(hostname="node-a")
-    model = FalcoReloadModel.from_falco_yaml(
-        falco_yaml, on_alert=falco.emit, hostname="node-a", rules_validator=falco_like_validator
-    )
-    falco.attach_reload(model)
-    await falco.start()
-    sidecar = Sidecar(
-        SidecarConfig(
-            grpc_listen=f"unix://{root / 'api.sock'}",
-            ingest_listen="127.0.0.1:0",
-            metrics_listen=None,
-            falco_url=falco.url,
-            node_name="node-a",
-            managed_root=managed,
-            falco_config=falco_yaml,
-            base_rules=(root / "falco_rules.yaml",),
-            confirm_timeout=5.0,
-            grace=0.5,
-        )
-    )
-    await sidecar.start()
-    falco.alert_url = f"http://127.0.0.1:{sidecar.ingest_port}/"
-    yield WritableSetup(sidecar, falco, model, root)
-    await sidecar.stop()
-    await falco.stop()
-    shutil.rmtree(root, ignore_errors=True)
+async def setup() -> AsyncIterator[RealSidecar]:
+    node = RealSidecar("node-a", grpc_listen="unix")
+    await node.start()
+    yield node
+    await node.close()
 
 
 def ruleset(name: str, content: str, order: int) -> rules_pb2.Ruleset:

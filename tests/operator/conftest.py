@@ -1,4 +1,4 @@
-"""Fixtures for the operator tests: the API server emulator, test sidecars, the operator in-loop."""
+"""Fixtures for the operator tests: the API server emulator, real sidecars, the operator in-loop."""
 
 from __future__ import annotations
 
@@ -6,18 +6,21 @@ import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
-import grpc
 import kmock
 import kopf
 import pytest
-from falco_api.contract.falco.api import apply_pb2, rules_pb2, unary_pb2_grpc
-from falco_api_operator.desired import state_from_request, state_sha256
+import yaml
+
+from falco_api.tls import TlsFiles
 from falco_api_operator.handlers import OperatorConfig, Runtime, register
 from falco_api_operator.pusher import PushSettings
+from tests.certs import Authority
+from tests.real_sidecar import RealSidecar
 
 from .k8s_emulator import FalcoApiServerEmulator
 
@@ -28,95 +31,50 @@ CONFIGS = "falcoapi.io/v1alpha1/falcoconfigs"
 
 
 # --- the sidecar ------------------------------------------------------------------------------
-# TEMPORARY TEST DOUBLE of the sidecar's `falco.api.unary/apply`, by the contract in
-# proto/falco/api/apply.proto, until the real sidecar's apply lands. The fixture
-# `sidecar_factory` is the seam: swap it for one that starts the real sidecar
-# (with the Falco double) and every operator test runs against the real thing.
+# `sidecar_factory` gives real nodes (tests/real_sidecar.py): the sidecar in-process on
+# 127.0.0.1:<port>, reached by pod IP and port over mutual TLS as in the chart (plaintext TCP
+# may only read), beside a Falco double that loads the managed files like Falco and reports
+# refusals through http_output.
+
+OPERATOR_IDENTITY = "falco-api-operator"
+SIDECAR_SERVER_NAME = "falco-api-sidecar"
 
 
-@dataclass
-class SidecarBehaviour:
-    fail_with: grpc.StatusCode | None = None  # abort every call with this code
-    falco_refuses: str | None = None  # answer FAILED with this Falco message
-    hang: bool = False  # never answer (until told otherwise)
+@dataclass(frozen=True)
+class SidecarPki:
+    sidecar: TlsFiles  # every sidecar's certificate, named like the chart's (checked by name)
+    operator: TlsFiles  # the operator's client certificate
+    authz_config: Path  # the sidecars' roles file: the operator may write
 
 
-@dataclass
-class ApplyDouble(unary_pb2_grpc.unaryServicer):  # type: ignore[misc]
-    behaviour: SidecarBehaviour = field(default_factory=SidecarBehaviour)
-    applies: list[apply_pb2.ApplyRequest] = field(default_factory=list)
-    loaded_sha: str = ""
-    loaded: apply_pb2.ApplyRequest = field(default_factory=apply_pb2.ApplyRequest)
-    released: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def apply(self, request: apply_pb2.ApplyRequest, context: grpc.aio.ServicerContext) -> Any:
-        self.applies.append(request)
-        if self.behaviour.hang:
-            await self.released.wait()
-        if self.behaviour.fail_with is not None:
-            await context.abort(self.behaviour.fail_with, "test sidecar told to fail")
-        rules, configs = state_from_request(request)
-        sha = state_sha256(rules, configs)
-        if self.behaviour.falco_refuses:
-            status = rules_pb2.LoadStatus(
-                state=rules_pb2.LoadStatus.STATE_FAILED, message=self.behaviour.falco_refuses
-            )
-            result = apply_pb2.WriteResult(
-                changed=True, status=status, rolled_back=True, state_sha256=self.loaded_sha
-            )
-            return apply_pb2.ApplyResponse(result=result)
-        changed = sha != self.loaded_sha
-        self.loaded_sha, self.loaded = sha, request
-        status = rules_pb2.LoadStatus(state=rules_pb2.LoadStatus.STATE_LOADED)
-        result = apply_pb2.WriteResult(changed=changed, status=status, state_sha256=sha)
-        return apply_pb2.ApplyResponse(result=result, rulesets=request.rulesets, configs=request.configs)
-
-    @property
-    def ruleset_names(self) -> list[str]:
-        return [r.name for r in self.loaded.rulesets]
+@pytest.fixture(scope="session")
+def sidecar_pki(tmp_path_factory: pytest.TempPathFactory) -> SidecarPki:
+    directory = tmp_path_factory.mktemp("sidecar-pki")
+    ca = Authority.create(directory, "falco-api-ca")
+    authz_config = directory / "authz.yaml"
+    authz_config.write_text(yaml.safe_dump({"roles": {"writer": [OPERATOR_IDENTITY]}}))
+    return SidecarPki(
+        sidecar=ca.issue(directory, "sidecar", dns_names=(SIDECAR_SERVER_NAME,)),
+        operator=ca.issue(directory, OPERATOR_IDENTITY, dns_names=()),
+        authz_config=authz_config,
+    )
 
 
-class TestSidecar:
-    def __init__(self, node: str) -> None:
-        self.node = node
-        self.servicer = ApplyDouble()
-        self.server: grpc.aio.Server | None = None
-        self.port = 0
-
-    async def start(self) -> None:
-        self.server = grpc.aio.server()
-        unary_pb2_grpc.add_unaryServicer_to_server(self.servicer, self.server)
-        self.port = self.server.add_insecure_port(f"127.0.0.1:{self.port}")
-        await self.server.start()
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.servicer.released.set()
-            await self.server.stop(grace=0.1)
-            self.server = None
-
-    async def restart(self) -> None:
-        """A new process on the same port: it knows nothing of what was pushed before."""
-        await self.stop()
-        self.servicer = ApplyDouble()
-        await self.start()
-
-
-SidecarFactory = Callable[[str], Awaitable[TestSidecar]]
+SidecarFactory = Callable[[str], Awaitable[RealSidecar]]
 
 
 @pytest.fixture
-async def sidecar_factory() -> AsyncIterator[SidecarFactory]:
-    started: list[TestSidecar] = []
+async def sidecar_factory(sidecar_pki: SidecarPki) -> AsyncIterator[SidecarFactory]:
+    started: list[RealSidecar] = []
 
-    async def make(node: str) -> TestSidecar:
-        sidecar = TestSidecar(node)
-        await sidecar.start()
+    async def make(node: str) -> RealSidecar:
+        sidecar = RealSidecar(node, tls=sidecar_pki.sidecar, authz_config=sidecar_pki.authz_config)
         started.append(sidecar)
+        await sidecar.start()
         return sidecar
 
     yield make
-    await asyncio.gather(*(s.stop() for s in started))
+    await asyncio.gather(*(s.close() for s in started))
 
 
 # --- the API server ---------------------------------------------------------------------------
@@ -249,7 +207,9 @@ OperatorStarter = Callable[..., Awaitable[RunningOperator]]
 
 
 @pytest.fixture
-async def start_operator(api: FalcoApiServerEmulator) -> AsyncIterator[OperatorStarter]:
+async def start_operator(
+    api: FalcoApiServerEmulator, sidecar_pki: SidecarPki
+) -> AsyncIterator[OperatorStarter]:
     """Run the real operator (kopf) in its own thread and event loop, as its own process would.
 
     A thread, not a task: when kopf.operator() exits it cancels every task created in its
@@ -260,10 +220,12 @@ async def start_operator(api: FalcoApiServerEmulator) -> AsyncIterator[OperatorS
     async def start(**overrides: Any) -> RunningOperator:
         config = OperatorConfig(
             namespace=NAMESPACE,
-            insecure=True,
+            tls=sidecar_pki.operator,
+            sidecar_server_name=SIDECAR_SERVER_NAME,
             resync_seconds=overrides.pop("resync_seconds", 0),
             status_debounce_seconds=overrides.pop("status_debounce_seconds", 0.2),
-            push=PushSettings(call_timeout=2.0, backoff_initial=0.1, backoff_max=0.5, verdict_poll=0.2),
+            # A real apply returns once Falco reloaded (debounce, dry run, /metrics polls).
+            push=PushSettings(call_timeout=10.0, backoff_initial=0.1, backoff_max=0.5, verdict_poll=0.2),
             # Explicit connection: never the environment's KUBECONFIG or the in-cluster account.
             connection=kopf.ConnectionInfo(server=api.base_url, insecure=True),
             **overrides,

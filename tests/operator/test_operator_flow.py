@@ -1,4 +1,4 @@
-"""The operator end to end against the API server emulator and test sidecars."""
+"""The operator end to end against the API server emulator and real sidecars beside Falco doubles."""
 
 from __future__ import annotations
 
@@ -43,8 +43,9 @@ async def test_apply_becomes_ready_on_every_node(
     assert obj["status"]["observedGeneration"] == obj["metadata"]["generation"]
     assert condition(obj, "Accepted")["status"] == "True"
     for sidecar in sidecars:
-        assert sidecar.servicer.ruleset_names == ["shell-rule"]
-        assert sidecar.servicer.loaded.rulesets[0].order == 10
+        assert sidecar.in_force("shell-rule")
+        assert sidecar.rulesets()[0].order == 10
+        assert sidecar.falco_loaded_rulesets() == ["10-shell-rule.yaml"]
 
 
 async def ready_status(kube: Kube, name: str) -> dict[str, Any]:
@@ -71,8 +72,8 @@ async def test_node_selector_limits_the_rule_to_matching_nodes(
         return (await ready_status(kube, "web-only")).get("loadedSummary") == "1/1"
 
     await eventually(loaded_on_one)
-    assert web.servicer.ruleset_names == ["web-only"]
-    assert db.servicer.ruleset_names == []
+    assert web.in_force("web-only")
+    assert db.in_force()
 
 
 async def test_restarted_sidecar_gets_the_full_state_again(
@@ -83,14 +84,22 @@ async def test_restarted_sidecar_gets_the_full_state_again(
     pod = await kube.add_falco_pod("node-a", sidecar.port)
     await start_operator()
     await kube.apply_rule("r1", RULE)
-    await eventually(lambda: sidecar.servicer.ruleset_names == ["r1"])
+    await eventually(lambda: sidecar.in_force("r1"))
 
-    # The pod restarts: not Ready, a fresh process with nothing loaded, Ready again.
+    # The sidecar container restarts: not Ready, a new process that recovers the managed
+    # files from disk and has been given nothing yet, Ready again.
     await kube.set_pod(pod, "node-a", sidecar.port, ready=False)
     await sidecar.restart()
-    assert sidecar.servicer.ruleset_names == []
+    assert sidecar.starts == 2
+    assert sidecar.ruleset_names == ["r1"] and sidecar.applies == []
     await kube.set_pod(pod, "node-a", sidecar.port, ready=True)
-    await eventually(lambda: sidecar.servicer.ruleset_names == ["r1"])
+    await eventually(lambda: sidecar.applies == [["r1"]])
+    assert sidecar.in_force("r1")
+
+    async def loaded_again() -> bool:
+        return (await ready_status(kube, "r1")).get("loadedSummary") == "1/1"
+
+    await eventually(loaded_again)
 
 
 async def test_dead_sidecar_makes_ready_false_and_names_the_node(
@@ -116,26 +125,38 @@ async def test_dead_sidecar_makes_ready_false_and_names_the_node(
     assert ready["reason"] == "LoadFailed"
     assert "node-dead" in ready["message"]
     assert obj["status"]["failingNodes"][0].startswith("node-dead: sidecar unreachable")
-    assert alive.servicer.ruleset_names == ["r1"]
+    assert alive.in_force("r1")
+    assert dead.applies == []
 
 
 async def test_falco_refusal_is_reported_with_falcos_message(
     kube: Kube, sidecar_factory: SidecarFactory, start_operator: OperatorStarter
 ) -> None:
     sidecar = await sidecar_factory("node-a")
-    sidecar.servicer.behaviour.falco_refuses = "LOAD_ERR_COMPILE_CONDITION: unknown field proc.nme"
     await kube.add_node("node-a")
     await kube.add_falco_pod("node-a", sidecar.port)
     await start_operator()
     await kube.apply_rule("r1", RULE)
+    await eventually(lambda: sidecar.in_force("r1"))
+
+    # From now on this Falco refuses any rules it has not run before (our validator passes them).
+    sidecar.falco_refuses = "LOAD_ERR_COMPILE_CONDITION: unknown field proc.nme"
+    await kube.apply_rule("r2", RULE.replace("Shell in", "Other shell in"), order=60)
 
     async def failed() -> bool:
-        return (await ready_status(kube, "r1")).get("failed") == 1
+        return (await ready_status(kube, "r2")).get("failed") == 1
 
     await eventually(failed)
-    status = await ready_status(kube, "r1")
+    status = await ready_status(kube, "r2")
     assert "unknown field proc.nme" in status["failingNodes"][0]
     assert "(previous rules restored)" in status["failingNodes"][0]
+    # Falco never ran r2, and the sidecar put r1 alone back on disk between the operator's retries.
+    assert sidecar.model.failed_reloads >= 1
+    assert all(
+        not any(path.endswith("-r2.yaml") for path in loaded.rules_files)
+        for loaded in sidecar.model.load_history
+    )
+    await eventually(lambda: sidecar.in_force("r1"))
 
 
 async def test_one_change_on_fifty_nodes_writes_status_a_bounded_number_of_times(
@@ -158,9 +179,7 @@ async def test_one_change_on_fifty_nodes_writes_status_a_bounded_number_of_times
     )
 
     async def all_reloaded() -> bool:
-        if not all(
-            s.servicer.loaded.rulesets and "zsh" in s.servicer.loaded.rulesets[0].content for s in sidecars
-        ):
+        if not all(s.rulesets() and "zsh" in s.rulesets()[0].content for s in sidecars):
             return False
         status = await ready_status(kube, "r1")
         return status.get("loadedSummary") == "50/50" and status.get("observedGeneration") == 2
@@ -182,12 +201,12 @@ async def test_deleted_rule_is_removed_from_every_sidecar(
     await start_operator()
     await kube.apply_rule("keep", RULE, order=5)
     await kube.apply_rule("drop", RULE.replace("Shell in", "Other shell in"), order=7)
-    await eventually(lambda: all(s.servicer.ruleset_names == ["keep", "drop"] for s in sidecars))
+    await eventually(lambda: all(s.in_force("keep", "drop") for s in sidecars))
     obj = await kube.rule("drop")
     assert "falcoapi.io/finalizer" in obj["metadata"]["finalizers"]
 
     await kube.delete("/apis/falcoapi.io/v1alpha1/falcorules/drop")
-    await eventually(lambda: all(s.servicer.ruleset_names == ["keep"] for s in sidecars))
+    await eventually(lambda: all(s.in_force("keep") for s in sidecars))
 
     async def gone() -> bool:
         try:
