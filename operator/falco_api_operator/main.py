@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--webhook-key", help="webhook server private key")
     parser.add_argument(
+        "--webhook-ca",
+        help="CA bundle the API server trusts for the webhook (default: the webhook certificate itself)",
+    )
+    parser.add_argument(
         "--webhook-url", help="URL the API server calls, when the webhook is not behind a Service"
     )
     parser.add_argument(

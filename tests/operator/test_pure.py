@@ -188,3 +188,37 @@ def test_set_validation_catches_override_of_undefined_rule() -> None:
 def test_broken_yaml_is_a_finding_not_a_crash() -> None:
     broken = FalcoRuleSpec("b", "- rule: [unclosed\n", 50, LabelSelector())
     assert "yaml" in str(validate_rule_in_set(broken, [])[0]).lower()
+
+
+def test_operator_flags_become_a_config(tmp_path: object) -> None:
+    import pytest as _pytest
+
+    from falco_api.tls import TlsConfigError
+    from falco_api_operator.main import build_parser, config_from_args
+
+    args = build_parser().parse_args(
+        [
+            "--tls-cert",
+            "c.crt",
+            "--tls-key",
+            "c.key",
+            "--tls-ca",
+            "ca.crt",
+            "--webhook-port",
+            "9443",
+            "--webhook-cert",
+            "w.crt",
+            "--webhook-key",
+            "w.key",
+            "--webhook-ca",
+            "ca.crt",
+            "--sidecar-server-name",
+            "sidecar.example",
+            "--no-manage-webhook-configuration",
+        ]
+    )
+    config = config_from_args(args)
+    assert config.webhook_ca == "ca.crt" and config.sidecar_server_name == "sidecar.example"
+    assert config.tls is not None and not config.manage_webhook_configuration
+    with _pytest.raises(TlsConfigError, match="--insecure"):
+        config_from_args(build_parser().parse_args([]))
