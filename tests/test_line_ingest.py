@@ -281,3 +281,62 @@ async def test_sidecar_flag_starts_line_ingest_and_stops_it(socket_dir: Path) ->
     finally:
         await sidecar.stop()
     assert not (socket_dir / "alerts.sock").exists()
+
+
+async def test_an_unpaired_surrogate_escape_is_a_bad_line_not_a_dead_connection(
+    line_ingest: RunningLineIngest, streams: EventStreams
+) -> None:
+    subscription = streams.alerts.subscribe(lambda _a: True, follow=True)
+    lone = rule_alert("node-a", index=0)
+    lone["output_fields"]["proc.name"] = "\ud800"
+    paired = rule_alert("node-a", index=1)
+    paired["output_fields"]["proc.name"] = "\U0001f600"
+    assert line_ingest.socket_path is not None
+    await write_and_close(
+        line_ingest.socket_path, json.dumps(lone).encode() + b"\n" + json.dumps(paired).encode() + b"\n"
+    )
+    got = await drain(subscription, 1)
+    assert got[0].output_fields["proc.name"] == "\U0001f600"
+    assert streams.rejected == {"bad_json": 1}
+
+
+# --- what subscribers receive: the contract's message, whatever the field values -----------------
+
+ODD_FIELDS: dict[str, object] = {
+    "null": None,
+    "yes": True,
+    "no": False,
+    "zero": 0,
+    "negative": -5,
+    "int64.min": -(2**63),
+    "int64.max": 2**63 - 1,
+    "uint64": 2**63,
+    "uint64.max": 2**64 - 1,
+    "beyond": 2**64,
+    "far.below": -(2**64),
+    "float": 1.5,
+    "negative.zero": -0.0,
+    "empty": "",
+    "unicode": "é☃\U0001f600",
+    "long": "x" * 1000,
+    "list": [1, "a", None, [2.5, True]],
+    "object": {"b": 1, "a": [1]},
+    "n" * 300: "long name",
+}
+
+
+@pytest.mark.parametrize("index", range(12))
+def test_published_bytes_are_exactly_the_contract_response(streams: EventStreams, index: int) -> None:
+    from falco_api.alerts import parse_alert
+    from falco_api.contract.falco import outputs_pb2
+    from falco_api.testing.falco_double import alert_mix
+
+    mix = alert_mix("node-a")
+    alerts = [next(mix) for _ in range(60)]
+    body = alerts[index * 5] | {"output_fields": alerts[index * 5].get("output_fields", {}) | ODD_FIELDS}
+    # Twice: the second time the field encodings come from the cache.
+    for _ in range(2):
+        alert = parse_alert(json.dumps(body))
+        entry = streams.ingest(alert)
+        expected = alert.to_response(seq=entry.seq, origin=streams.origin)
+        assert outputs_pb2.response.FromString(entry.payload) == expected

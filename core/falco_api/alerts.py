@@ -210,4 +210,26 @@ def parse_alert(body: bytes | str) -> Alert:
         raise AlertError("bad_json", f"body is not valid JSON: {error}") from None
     except RecursionError:
         raise AlertError("bad_json", "body is nested too deeply") from None
+    if _SURROGATE_ESCAPE.search(body if isinstance(body, bytes) else body.encode("utf-8", "surrogatepass")):
+        _refuse_lone_surrogates(data)
     return alert_from_object(data)
+
+
+# JSON may escape UTF-16 surrogates; Python decodes an unpaired one into a str that cannot be
+# encoded to UTF-8, which protobuf strings must be. Paired ones decode to one proper character.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _refuse_lone_surrogates(value: Any) -> None:
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise AlertError("bad_json", "a string holds an unpaired UTF-16 surrogate escape") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_lone_surrogates(key)
+            _refuse_lone_surrogates(item)
+    elif isinstance(value, list):
+        for item in value:
+            _refuse_lone_surrogates(item)

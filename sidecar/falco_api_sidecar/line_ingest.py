@@ -43,6 +43,7 @@ TCP_SCHEME = "tcp://"
 
 REASON_TOO_LARGE = "too_large"
 REASON_PARTIAL_LINE = "partial_line"
+REASON_INTERNAL_ERROR = "internal_error"
 
 
 class LineIngestAddressError(ValueError):
@@ -129,6 +130,10 @@ class LineIngest:
                 alert = parse_alert(line)
             except AlertError as error:
                 self._reject(error.reason)
+                continue
+            except Exception:  # a bug must cost one line, not the connection and every line after it
+                log.exception("line ingest: unexpected error parsing a line; skipped")
+                self._reject(REASON_INTERNAL_ERROR)
                 continue
             streams.ingest(alert)
             accepted += 1
