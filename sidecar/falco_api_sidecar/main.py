@@ -175,6 +175,7 @@ class Sidecar:
                         version,
                         store=self.store,
                         writes=self.writes,
+                        audit=record_write,
                         base_config_path=self.config.falco_config,
                     )
                 )
