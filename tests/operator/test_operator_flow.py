@@ -89,6 +89,11 @@ async def test_restarted_sidecar_gets_the_full_state_again(
     # The sidecar container restarts: not Ready, a new process that recovers the managed
     # files from disk and has been given nothing yet, Ready again.
     await kube.set_pod(pod, "node-a", sidecar.port, ready=False)
+
+    async def not_counted() -> bool:
+        return (await ready_status(kube, "r1")).get("loadedSummary") == "0/1"
+
+    await eventually(not_counted)
     await sidecar.restart()
     assert sidecar.starts == 2
     assert sidecar.ruleset_names == ["r1"] and sidecar.applies == []
@@ -126,7 +131,16 @@ async def test_dead_sidecar_makes_ready_false_and_names_the_node(
     assert "node-dead" in ready["message"]
     assert obj["status"]["failingNodes"][0].startswith("node-dead: sidecar unreachable")
     assert alive.in_force("r1")
-    assert dead.applies == []
+
+    # Back on the same port: the operator's retries reach it and the rule turns Ready.
+    await dead.start()
+
+    async def all_ready() -> bool:
+        return condition(await kube.rule("r1"), "Ready").get("status") == "True"
+
+    await eventually(all_ready)
+    assert dead.in_force("r1")
+    assert (await ready_status(kube, "r1"))["loadedSummary"] == "2/2"
 
 
 async def test_falco_refusal_is_reported_with_falcos_message(
