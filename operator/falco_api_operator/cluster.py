@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 ResourceKey = tuple[str, str]  # (plural, name)
 PatchStatus = Callable[[str, str, dict[str, Any]], Awaitable[None]]
-PostEvent = Callable[[Mapping[str, Any], str, str], None]  # (object reference, reason, message)
+PostEvent = Callable[[Mapping[str, Any], str, str], Awaitable[None]]  # (object reference, reason, message)
 
 
 @dataclass
@@ -237,10 +237,16 @@ class ClusterModel:
         await self._patch_status(plural, name, body)
         previous = tracked.last_status or {}
         tracked.last_status = body
+        event = None
         if new["failed"] and new["failingNodes"] != previous.get("failingNodes"):
-            self._post_event(tracked.reference, "LoadFailed", new["conditions"][1]["message"])
+            event = ("LoadFailed", new["conditions"][1]["message"])
         elif previous.get("failed") and not new["failed"] and new["targeted"]:
-            self._post_event(tracked.reference, "Recovered", new["conditions"][1]["message"])
+            event = ("Recovered", new["conditions"][1]["message"])
+        if event is not None:
+            try:
+                await self._post_event(tracked.reference, *event)
+            except Exception:  # the status is written; a lost Event must not make us rewrite it
+                log.exception("posting the %s event of %s/%s failed", event[0], plural, name)
         return True
 
 

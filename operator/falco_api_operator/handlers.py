@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import kopf
+
 from falco_api.discovery import DEFAULT_PORT_NAME, DEFAULT_SELECTOR, SidecarDirectory, register_kopf_pod_watch
 from falco_api.tls import TlsFiles, open_channel
 
@@ -142,19 +143,22 @@ class Runtime:
     def _on_outcome(self, *args: Any) -> None:
         self.model.on_outcome(*args)
 
-    async def _patch_status(self, plural: str, name: str, status: dict[str, Any]) -> None:
+    def _client(self) -> StatusClient:
         if self._status_client is None:
             if self.connection is None:
                 raise RuntimeError("not logged in to the Kubernetes API yet")
             self._status_client = StatusClient(self.connection)
-        await self._status_client.patch_status(plural, name, status)
+        return self._status_client
 
-    @staticmethod
-    def _post_event(reference: Mapping[str, Any], reason: str, message: str) -> None:
-        if reason == "Recovered":
-            kopf.info(cast(kopf.Body, dict(reference)), reason=reason, message=message)
-        else:
-            kopf.warn(cast(kopf.Body, dict(reference)), reason=reason, message=message)
+    async def _patch_status(self, plural: str, name: str, status: dict[str, Any]) -> None:
+        await self._client().patch_status(plural, name, status)
+
+    async def _post_event(self, reference: Mapping[str, Any], reason: str, message: str) -> None:
+        # Posted through the API directly: kopf.warn/info only work inside kopf's handler
+        # context, and this runs in the status writer's own task.
+        await self._client().post_event(
+            self.config.namespace, reference, reason, message, warning=reason != "Recovered"
+        )
 
     async def close(self) -> None:
         await self.model.close()

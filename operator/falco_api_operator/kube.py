@@ -7,9 +7,11 @@ there is a single source of truth for where the API server is and who we are.
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import ssl
 import tempfile
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
@@ -70,6 +72,38 @@ class StatusClient:
                 raise StatusWriteError(
                     f"PATCH {url}: HTTP {response.status}: {(await response.text())[:300]}"
                 )
+
+    async def post_event(
+        self, namespace: str, reference: Mapping[str, Any], reason: str, message: str, *, warning: bool
+    ) -> None:
+        """A core/v1 Event about a custom resource (cluster-scoped: posted in our own namespace)."""
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        meta = reference.get("metadata") or {}
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta.get('name', 'falco-api')}.", "namespace": namespace},
+            "involvedObject": {
+                "apiVersion": reference.get("apiVersion"),
+                "kind": reference.get("kind"),
+                "name": meta.get("name"),
+                "uid": meta.get("uid"),
+            },
+            "reason": reason,
+            # The API server refuses Event messages over 1 KiB.
+            "message": message[:1000],
+            "type": "Warning" if warning else "Normal",
+            "source": {"component": "falco-api-operator"},
+            "reportingComponent": "falco-api-operator",
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        url = f"api/v1/namespaces/{namespace}/events"
+        headers = {"Content-Type": "application/json"}
+        async with self._session.post(url, data=json.dumps(event), headers=headers) as response:
+            if response.status >= 400:
+                raise StatusWriteError(f"POST {url}: HTTP {response.status}: {(await response.text())[:300]}")
 
     async def close(self) -> None:
         await self._session.close()

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 import kopf
+
 from falco_api.discovery import DEFAULT_PORT_NAME, DEFAULT_SELECTOR, SelectorError, parse_equality_selector
 from falco_api.tls import TlsConfigError, TlsFiles
 

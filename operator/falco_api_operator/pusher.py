@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
+
 from falco_api.contract.falco.api import apply_pb2, rules_pb2
 from falco_api.discovery import Sidecar
 

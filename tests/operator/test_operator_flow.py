@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from .conftest import Kube, OperatorStarter, SidecarFactory, eventually
+from .conftest import NAMESPACE, Kube, OperatorStarter, SidecarFactory, eventually
 
 RULE = """
 - rule: Shell in test container
@@ -141,6 +141,17 @@ async def test_dead_sidecar_makes_ready_false_and_names_the_node(
     await eventually(all_ready)
     assert dead.in_force("r1")
     assert (await ready_status(kube, "r1"))["loadedSummary"] == "2/2"
+
+    # Both the failure and the recovery were posted as Kubernetes Events about the rule.
+    async def events_posted() -> bool:
+        events = (await kube.get(f"/api/v1/namespaces/{NAMESPACE}/events")).get("items", [])
+        return {e["reason"] for e in events if e["involvedObject"]["name"] == "r1"} >= {"LoadFailed", "Recovered"}
+
+    await eventually(events_posted)
+    events = (await kube.get(f"/api/v1/namespaces/{NAMESPACE}/events"))["items"]
+    failed = next(e for e in events if e["reason"] == "LoadFailed")
+    assert failed["type"] == "Warning" and "node-dead" in failed["message"]
+    assert failed["involvedObject"]["kind"] == "FalcoRule"
 
 
 async def test_falco_refusal_is_reported_with_falcos_message(

@@ -6,6 +6,7 @@ import random
 from typing import Any
 
 import pytest
+
 from falco_api.discovery import SelectorError, SidecarDirectory, parse_equality_selector, sidecar_from_pod
 from falco_api_operator.desired import (
     FalcoConfigSpec,
