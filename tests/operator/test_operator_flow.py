@@ -145,7 +145,8 @@ async def test_dead_sidecar_makes_ready_false_and_names_the_node(
     # Both the failure and the recovery were posted as Kubernetes Events about the rule.
     async def events_posted() -> bool:
         events = (await kube.get(f"/api/v1/namespaces/{NAMESPACE}/events")).get("items", [])
-        return {e["reason"] for e in events if e["involvedObject"]["name"] == "r1"} >= {"LoadFailed", "Recovered"}
+        reasons = {e["reason"] for e in events if e["involvedObject"]["name"] == "r1"}
+        return reasons >= {"LoadFailed", "Recovered"}
 
     await eventually(events_posted)
     events = (await kube.get(f"/api/v1/namespaces/{NAMESPACE}/events"))["items"]
