@@ -9,9 +9,9 @@ from typing import Any
 
 import aiohttp
 import pytest
+
 from falco_api.testing.falco_double import FalcoDouble
 from falco_api_sidecar.main import Sidecar, SidecarConfig
-
 from tests.certs import Pki
 
 # kopf logs in through the kubernetes client, which reads KUBECONFIG at import

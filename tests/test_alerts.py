@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from falco_api.alerts import AlertError, alert_from_object, parse_alert, parse_priority, parse_time
 from falco_api.client import field_python_value, response_to_falco_json
 from falco_api.contract.falco import outputs_pb2, schema_pb2

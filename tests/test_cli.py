@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 from falco_api.testing.falco_double import rule_alert, syscall_drop_alert
-
 from tests.certs import Pki
 from tests.conftest import RunningSidecar
 
@@ -136,7 +135,8 @@ def test_rules_validate(tmp_path: object) -> None:
     good.write_text("- macro: spawned\n  condition: evt.type = execve\n")
     bad = folder / "bad.yaml"
     bad.write_text(
-        "- rule: Broken\n  desc: d\n  condition: spawned and not nowhere_macro\n  output: x\n  priority: WARNING\n"
+        "- rule: Broken\n  desc: d\n  condition: spawned and not nowhere_macro\n"
+        "  output: x\n  priority: WARNING\n"
     )
 
     def run(*paths: Path) -> subprocess.CompletedProcess[str]:

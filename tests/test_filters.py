@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from falco_api.alerts import parse_alert
 from falco_api.contract.falco import outputs_pb2, schema_pb2
 from falco_api.filters import AlertFilter, FilterError

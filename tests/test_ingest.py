@@ -6,8 +6,8 @@ import json
 
 import aiohttp
 import pytest
-from falco_api.testing.falco_double import AlertPoster, alert_mix, rule_alert
 
+from falco_api.testing.falco_double import AlertPoster, alert_mix, rule_alert
 from tests.conftest import RunningSidecar
 
 GOOD = rule_alert("node-a", index=0)

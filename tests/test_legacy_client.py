@@ -7,9 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from falco_api.testing.falco_double import rule_alert, syscall_drop_alert
 from grpc_tools import protoc
 
+from falco_api.testing.falco_double import rule_alert, syscall_drop_alert
 from tests.conftest import RunningSidecar
 
 LEGACY = Path(__file__).parent / "legacy_proto"

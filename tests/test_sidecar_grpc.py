@@ -8,13 +8,13 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
 from falco_api.alerts import parse_alert
 from falco_api.contract.falco import outputs_pb2, outputs_pb2_grpc, schema_pb2, version_pb2, version_pb2_grpc
 from falco_api.contract.falco.api import drops_pb2, streaming_pb2_grpc, unary_pb2_grpc
 from falco_api.testing.falco_double import FalcoDouble, rule_alert, syscall_drop_alert
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
 from tests.conftest import RunningSidecar
 
 

@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import grpc
+
 from falco_api.contract.falco import outputs_pb2
 from falco_api.contract.falco.api import streaming_pb2_grpc
 from falco_api.testing.falco_double import AlertPoster, FalcoDouble, rule_alert

@@ -8,12 +8,12 @@ import sys
 
 import grpc
 import pytest
+
 from falco_api.contract.falco import version_pb2
 from falco_api.contract.falco.api import unary_pb2_grpc
 from falco_api.testing.falco_double import FalcoDouble
 from falco_api.tls import TlsConfigError, TlsFiles, open_channel
 from falco_api_sidecar.main import Sidecar, SidecarConfig
-
 from tests.certs import Pki
 
 

@@ -256,7 +256,9 @@ def outputs_handlers(servicer: OutputsServicer) -> list[grpc.GenericRpcHandler[A
     ]
 
 
-def streaming_handlers(outputs: OutputsServicer, drops: DropsServicer) -> list[grpc.GenericRpcHandler[Any, Any]]:
+def streaming_handlers(
+    outputs: OutputsServicer, drops: DropsServicer
+) -> list[grpc.GenericRpcHandler[Any, Any]]:
     return [
         grpc.method_handlers_generic_handler(
             STREAMING_SERVICE,

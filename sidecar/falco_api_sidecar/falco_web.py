@@ -6,6 +6,7 @@ import re
 from typing import Any
 
 import aiohttp
+
 from falco_api import __version__
 from falco_api.contract.falco import version_pb2
 from falco_api.servicers import Unavailable

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 from aiohttp import web
+
 from falco_api.alerts import AlertError, parse_alert
 from falco_api.streams import EventStreams
 

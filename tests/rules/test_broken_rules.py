@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from falco_api.rules import Finding, RulesFile, validate_rules
 
 from .helpers import RULE_HEAD, check, errors, only_error

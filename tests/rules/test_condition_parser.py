@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from falco_api.rules.condition import (
     And,
     BinaryCheck,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from falco_api.rules import RulesFile, defined_items, validate_paths, validate_rules
 
 from .helpers import FIXTURES, SHARED_CORPUS

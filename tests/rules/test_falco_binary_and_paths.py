@@ -8,6 +8,7 @@ import stat
 from pathlib import Path
 
 import pytest
+
 from falco_api.rules import RulesFile, RulesLimits, parse_falco_verdict, validate_paths, validate_rules
 
 from .helpers import RULE_HEAD

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from falco_api.rules import RulesLimits, load_rules_yaml
 from falco_api.rules.yamlload import YamlLimitError, YamlSyntaxError
 
