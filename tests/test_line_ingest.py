@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -325,18 +326,35 @@ ODD_FIELDS: dict[str, object] = {
 }
 
 
-@pytest.mark.parametrize("index", range(12))
-def test_published_bytes_are_exactly_the_contract_response(streams: EventStreams, index: int) -> None:
-    from falco_api.alerts import parse_alert
-    from falco_api.contract.falco import outputs_pb2
+def _contract_cases() -> list[dict[str, Any]]:
     from falco_api.testing.falco_double import alert_mix
 
     mix = alert_mix("node-a")
-    alerts = [next(mix) for _ in range(60)]
-    body = alerts[index * 5] | {"output_fields": alerts[index * 5].get("output_fields", {}) | ODD_FIELDS}
+    alerts = [next(mix) for _ in range(50)]
+    # Rule alerts of each kind, a syscall-drop and a metrics-snapshot internal alert.
+    cases = [alerts[i] for i in (0, 1, 2, 24, 49)]
+    base = rule_alert("node-a", index=3)
+    cases += [
+        base | {"output_fields": base["output_fields"] | ODD_FIELDS},
+        base | {"time": "1969-12-31T23:59:58.5Z", "priority": "Emergency", "source": "k8s_audit"},
+        base | {"time": "1970-01-01T00:00:00Z", "tags": [], "source": "aws_cloudtrail", "output": ""},
+        base | {"hostname": "", "message": "é", "tags": ["a", "", "☃"], "output_fields": {}},
+        {"time": "2024-05-01T12:00:00+02:00", "rule": "r", "priority": "debug"},
+    ]
+    return cases
+
+
+@pytest.mark.parametrize("case", _contract_cases())
+def test_published_bytes_are_exactly_the_contract_response(
+    streams: EventStreams, case: dict[str, Any]
+) -> None:
+    from falco_api.alerts import parse_alert
+    from falco_api.contract.falco import outputs_pb2
+
     # Twice: the second time the field encodings come from the cache.
     for _ in range(2):
-        alert = parse_alert(json.dumps(body))
+        alert = parse_alert(json.dumps(case))
         entry = streams.ingest(alert)
         expected = alert.to_response(seq=entry.seq, origin=streams.origin)
         assert outputs_pb2.response.FromString(entry.payload) == expected
+    assert outputs_pb2.response.FromString(alert.to_payload()) == alert.to_response()

@@ -49,7 +49,7 @@ class EventStreams:
     def ingest(self, alert: Alert) -> Entry[Alert]:
         """Number, serialise and publish one alert; publish the drop report it implies."""
         seq = self._alert_seq.next()
-        payload = alert.to_response(seq=seq, origin=self.origin).SerializeToString()
+        payload = alert.to_payload(seq=seq, origin=self.origin)
         entry = Entry(seq, self.origin, alert, payload)
         self.alerts.publish(entry)
         report = self._interpreter.interpret(alert)
