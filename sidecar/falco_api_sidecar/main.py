@@ -51,6 +51,7 @@ from falco_api_sidecar.inputs import (
     inputs_handlers,
     inputs_limits_from_args,
 )
+from falco_api_sidecar.line_ingest import RunningLineIngest, start_line_ingest
 from falco_api_sidecar.managed import ManagedError, ManagedStore
 from falco_api_sidecar.metrics import metrics_app
 from falco_api_sidecar.unary import UnaryServicer, register_unary
@@ -75,6 +76,8 @@ class SidecarConfig:
     queue_size: int = DEFAULT_QUEUE_SIZE
     max_body: int = DEFAULT_MAX_BODY
     grace: float = 5.0
+    # unix:///path (or tcp://127.0.0.1:port): Falco's program_output, one JSON alert per line.
+    line_ingest: str | None = None
     # The write side (rules and configs). Without managed_root those calls answer UNIMPLEMENTED.
     managed_root: Path | None = None
     falco_managed_root: Path | None = None
@@ -125,6 +128,7 @@ class Sidecar:
         self.grpc: RunningServer | None = None
         self._runners: list[web.AppRunner] = []
         self.ingest_port = 0
+        self.line_ingest: RunningLineIngest | None = None
         self.metrics_port = 0
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -193,6 +197,10 @@ class Sidecar:
             self.config.ingest_listen,
             "--ingest-listen",
         )
+        if self.config.line_ingest:
+            self.line_ingest = await start_line_ingest(
+                self.streams, self.config.line_ingest, max_line=self.config.max_body
+            )
         if self.config.metrics_listen:
             self.metrics_port = await self._serve_http(
                 metrics_app(self.streams, InputsCollector(self.inputs.stats)),
@@ -229,6 +237,8 @@ class Sidecar:
         """Stop taking alerts, let subscribers drain their queues within the grace period, then close."""
         for task in self._tasks:
             task.cancel()
+        if self.line_ingest is not None:
+            await self.line_ingest.stop()
         for runner in self._runners:
             await runner.cleanup()
         self.streams.flush_rejections()
@@ -290,7 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-body",
         type=int,
         default=DEFAULT_MAX_BODY,
-        help="largest alert POST accepted, bytes (default: %(default)s)",
+        help="largest alert POST (or line) accepted, bytes (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--line-ingest",
+        help="also read alerts one JSON object per line (Falco's program_output) from this "
+        "unix:///path socket (or tcp://127.0.0.1:port); see docs/line-ingest.md",
     )
     parser.add_argument(
         "--grace",
@@ -351,6 +366,7 @@ def config_from_args(args: argparse.Namespace) -> SidecarConfig:
         queue_size=args.queue_size,
         max_body=args.max_body,
         grace=args.grace,
+        line_ingest=args.line_ingest,
         managed_root=args.managed_root,
         falco_managed_root=args.falco_managed_root,
         falco_config=args.falco_config,
