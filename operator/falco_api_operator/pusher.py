@@ -19,6 +19,7 @@ from typing import Protocol
 
 import grpc
 
+from falco_api.backoff import backoff_delay
 from falco_api.contract.falco.api import apply_pb2, rules_pb2
 from falco_api.discovery import Sidecar
 
@@ -50,10 +51,14 @@ class PushSettings:
     resync_seconds: float = 300.0
 
 
-def backoff_delay(attempt: int, settings: PushSettings, rng: random.Random | None = None) -> float:
-    """Full jitter over an exponentially growing cap (attempt 1 is the first retry)."""
-    cap = min(settings.backoff_max, settings.backoff_initial * (2 ** max(0, attempt - 1)))
-    return (rng or random).uniform(cap / 2, cap)
+def push_backoff(attempt: int, settings: PushSettings, rng: random.Random | None = None) -> float:
+    """The delay before retry number ``attempt`` (1 is the first retry)."""
+    return backoff_delay(
+        attempt - 1,
+        initial=settings.backoff_initial,
+        maximum=settings.backoff_max,
+        rng=(rng or random).random,
+    )
 
 
 def outcome_from_response(node: str, response: apply_pb2.ApplyResponse) -> NodeOutcome:
@@ -160,7 +165,7 @@ class NodePusher:
             delay = (
                 self._settings.verdict_poll
                 if outcome.state is NodeState.PENDING
-                else backoff_delay(attempt, self._settings)
+                else push_backoff(attempt, self._settings)
             )
             # A new desired state cuts the wait short: it may be the fix for the failure.
             with contextlib.suppress(TimeoutError):

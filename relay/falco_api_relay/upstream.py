@@ -21,6 +21,7 @@ from typing import cast
 import grpc
 
 from falco_api import __version__
+from falco_api.backoff import backoff_delay
 from falco_api.contract.falco import outputs_pb2, version_pb2
 from falco_api.contract.falco.api import drops_pb2
 from falco_api.servicers import STREAMING_SERVICE, UNARY_SERVICE, Unavailable
@@ -59,11 +60,7 @@ class BackoffPolicy:
 
 
 class Backoff:
-    """Exponential backoff with "equal jitter": half the delay fixed, half random.
-
-    The fixed half keeps a refusing sidecar from being hammered; the random half
-    keeps the relay's upstreams from reconnecting in lockstep after a shared outage.
-    """
+    """The reconnect delays of one upstream (see falco_api.backoff); reset after a real session."""
 
     def __init__(self, policy: BackoffPolicy, rng: Callable[[], float] = random.random) -> None:
         self.policy = policy
@@ -72,11 +69,15 @@ class Backoff:
 
     def next_delay(self) -> float:
         policy = self.policy
-        ceiling = policy.maximum
-        if self.attempt < 64:  # beyond that, the power only overflows towards the cap anyway
-            ceiling = min(policy.maximum, policy.initial * policy.multiplier**self.attempt)
+        delay = backoff_delay(
+            self.attempt,
+            initial=policy.initial,
+            maximum=policy.maximum,
+            multiplier=policy.multiplier,
+            rng=self._rng,
+        )
         self.attempt += 1
-        return ceiling / 2 + self._rng() * ceiling / 2
+        return delay
 
     def reset(self) -> None:
         self.attempt = 0

@@ -18,7 +18,7 @@ from falco_api_operator.desired import (
     state_sha256,
 )
 from falco_api_operator.desired import SelectorError as NodeSelectorError
-from falco_api_operator.pusher import PushSettings, backoff_delay
+from falco_api_operator.pusher import PushSettings, push_backoff
 from falco_api_operator.status import Acceptance, NodeOutcome, NodeState, aggregate_status, status_differs
 from falco_api_operator.validation import validate_rule_in_set
 
@@ -135,7 +135,7 @@ def test_status_differs_ignores_transition_times_only() -> None:
 def test_backoff_grows_is_capped_and_jittered() -> None:
     settings = PushSettings(backoff_initial=1, backoff_max=8)
     rng = random.Random(1)
-    delays = [backoff_delay(n, settings, rng) for n in range(1, 8)]
+    delays = [push_backoff(n, settings, rng) for n in range(1, 8)]
     assert all(0.5 <= d <= 8 for d in delays)
     assert delays[-1] >= 4  # capped at 8, jitter over [cap/2, cap]
 
