@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import socket
 import sys
 from collections.abc import Mapping
@@ -25,6 +24,7 @@ from falco_api.discovery import (
     Sidecar,
     parse_equality_selector,
 )
+from falco_api.process import exit_code, run_until_signalled
 from falco_api.server import RunningServer, start_server
 from falco_api.servicers import (
     LEGACY_OUTPUTS_SERVICE,
@@ -337,43 +337,21 @@ def config_from_args(args: argparse.Namespace) -> RelayConfig:
     return config
 
 
-async def run(config: RelayConfig) -> None:
-    relay = Relay(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await relay.start()
-    stopping = asyncio.create_task(stop.wait())
-    failing = asyncio.create_task(relay.failed())
-    try:
-        await asyncio.wait({stopping, failing}, return_when=asyncio.FIRST_COMPLETED)
-        if failing.done():
-            failing.result()
-        log.info("stopping: draining streams for up to %.1f s", config.grace)
-    finally:
-        stopping.cancel()
-        failing.cancel()
-        await relay.stop()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+
+    def serve() -> None:
         config = config_from_args(args)
-        asyncio.run(run(config))
-    except (TlsConfigError, SelectorError, ValueError, OSError) as error:
-        print(f"falco-api-relay: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        pass
-    except DiscoveryError as error:
-        print(f"falco-api-relay: {error}", file=sys.stderr)
-        return 1
-    with contextlib.suppress(Exception):
-        logging.shutdown()
-    return 0
+        relay = Relay(config)
+        asyncio.run(run_until_signalled(relay, grace=config.grace, log=log, failure=relay.failed))
+
+    return exit_code(
+        "falco-api-relay",
+        serve,
+        usage_errors=(TlsConfigError, SelectorError, ValueError, OSError),
+        fatal_errors=(DiscoveryError,),
+    )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ import contextlib
 import logging
 import os
 import secrets
-import signal
 import socket
 import sys
 import time
@@ -21,6 +20,7 @@ from aiohttp import web
 from falco_api import __version__
 from falco_api.contract.falco import version_pb2
 from falco_api.netaddr import split_host_port
+from falco_api.process import exit_code, run_until_signalled
 from falco_api.rules import Finding, RulesFile, validate_rules
 from falco_api.server import RunningServer, start_server
 from falco_api.servicers import (
@@ -379,34 +379,17 @@ def config_from_args(args: argparse.Namespace) -> SidecarConfig:
     )
 
 
-async def run(config: SidecarConfig) -> None:
-    sidecar = Sidecar(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await sidecar.start()
-    try:
-        await stop.wait()
-        log.info("stopping: draining streams for up to %.1f s", config.grace)
-    finally:
-        await sidecar.stop()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+
+    def serve() -> None:
         config = config_from_args(args)
-        asyncio.run(run(config))
-    except (TlsConfigError, ManagedError, ValueError, OSError) as error:
-        print(f"falco-api-sidecar: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        pass
-    with contextlib.suppress(Exception):
-        logging.shutdown()
-    return 0
+        asyncio.run(run_until_signalled(Sidecar(config), grace=config.grace, log=log))
+
+    return exit_code(
+        "falco-api-sidecar", serve, usage_errors=(TlsConfigError, ManagedError, ValueError, OSError)
+    )
 
 
 if __name__ == "__main__":
