@@ -8,7 +8,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit proto clean
+BUF := tools/buf/node_modules/.bin/buf
+
+.PHONY: run test lint lint-proto typecheck unit proto clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,16 +25,24 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# buf (protobuf lint and wire-compatibility checks) comes from the npm registry, pinned.
+$(BUF): tools/buf/package.json tools/buf/package-lock.json
+	npm ci --prefix tools/buf --no-audit --no-fund --loglevel=error
+	touch $(BUF)
+
+lint-proto: $(BUF)
+	$(BUF) lint
+
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP)
+unit: $(STAMP) $(BUF)
 	$(BIN)/python tools/pytest_strict.py
 
-test: lint typecheck unit
+test: lint lint-proto typecheck unit
 
 proto: $(STAMP)
 	$(BIN)/python tools/gen_proto.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache tools/buf/node_modules
