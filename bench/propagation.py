@@ -24,10 +24,13 @@ import collections
 import logging
 import multiprocessing
 import multiprocessing.connection
+import shutil
 import statistics
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -35,9 +38,11 @@ import attrs
 import grpc
 import kmock
 import kopf
+import yaml
 
 from bench.harness import load_average, machine, print_table, save
 from falco_api.contract.falco.api import apply_pb2, rules_pb2, unary_pb2_grpc
+from falco_api.tls import open_channel
 from falco_api_operator.desired import state_from_request, state_sha256
 from falco_api_operator.handlers import OperatorConfig, Runtime, register
 from tests.operator.conftest import CONFIGS, NAMESPACE, RULES, Kube
@@ -80,13 +85,19 @@ class ContractSidecar:
         return apply_pb2.ApplyResponse(result=result, rulesets=request.rulesets, configs=request.configs)
 
 
-async def _serve_sidecars(count: int, real: bool, control: multiprocessing.connection.Connection) -> None:
-    if real:
-        # The real sidecar (managed store, apply over gRPC) beside a Falco double that reloads
-        # like Falco: tests/real_sidecar.py, shared with the operator tests.
+async def _serve_sidecars(
+    count: int, pki: dict[str, Any] | None, control: multiprocessing.connection.Connection
+) -> None:
+    if pki is not None:
+        # The real sidecar (managed store, apply over gRPC, mutual TLS, the operator as the only
+        # writer) beside a Falco double that reloads like Falco: tests/real_sidecar.py, as the
+        # operator tests use it.
         from tests.real_sidecar import RealSidecar
 
-        nodes = [RealSidecar(f"node-{i:03}") for i in range(count)]
+        nodes = [
+            RealSidecar(f"node-{i:03}", tls=pki["sidecar"], authz_config=pki["authz_config"])
+            for i in range(count)
+        ]
         for node in nodes:
             await node.start()
         control.send([node.port for node in nodes])
@@ -112,9 +123,28 @@ async def _serve_sidecars(count: int, real: bool, control: multiprocessing.conne
     await asyncio.gather(*(server.stop(0.1) for server, _ in servers))
 
 
-def _sidecars_main(count: int, real: bool, control: multiprocessing.connection.Connection) -> None:
+def _sidecars_main(
+    count: int, pki: dict[str, Any] | None, control: multiprocessing.connection.Connection
+) -> None:
     logging.disable(logging.WARNING)
-    asyncio.run(_serve_sidecars(count, real, control))
+    asyncio.run(_serve_sidecars(count, pki, control))
+
+
+def _real_sidecar_pki(directory: Path) -> dict[str, Any]:
+    """What the operator tests set up: one CA, the sidecars' server certificate, the operator's
+    client certificate, and a roles file naming the operator as the only writer."""
+    from tests.certs import Authority
+    from tests.operator.conftest import OPERATOR_IDENTITY, SIDECAR_SERVER_NAME
+
+    ca = Authority.create(directory, "falco-api-ca")
+    authz_config = directory / "authz.yaml"
+    authz_config.write_text(yaml.safe_dump({"roles": {"writer": [OPERATOR_IDENTITY]}}))
+    return {
+        "sidecar": ca.issue(directory, "sidecar", dns_names=(SIDECAR_SERVER_NAME,)),
+        "operator": ca.issue(directory, OPERATOR_IDENTITY, dns_names=()),
+        "authz_config": authz_config,
+        "server_name": SIDECAR_SERVER_NAME,
+    }
 
 
 # --- one scenario -------------------------------------------------------------------------------
@@ -137,10 +167,17 @@ def _resources(emulator: FalcoApiServerEmulator) -> None:
         )
 
 
-def _start_operator(url: str) -> tuple[threading.Event, threading.Thread]:
-    config = OperatorConfig(
-        namespace=NAMESPACE, insecure=True, connection=kopf.ConnectionInfo(server=url, insecure=True)
-    )
+def _start_operator(url: str, pki: dict[str, Any] | None) -> tuple[threading.Event, threading.Thread]:
+    connection = kopf.ConnectionInfo(server=url, insecure=True)
+    if pki is None:
+        config = OperatorConfig(namespace=NAMESPACE, insecure=True, connection=connection)
+    else:
+        config = OperatorConfig(
+            namespace=NAMESPACE,
+            tls=pki["operator"],
+            sidecar_server_name=pki["server_name"],
+            connection=connection,
+        )
     runtime = Runtime(config)
     registry = kopf.OperatorRegistry()
     register(registry, runtime)
@@ -184,10 +221,18 @@ async def _ready(kube: Kube, name: str, count: int, generation: int, within: flo
     raise TimeoutError(f"{name} not Ready on {count} sidecars within {within}s")
 
 
-async def _bare_fan_out(ports: list[int], shell: str) -> float:
+async def _bare_fan_out(ports: list[int], shell: str, pki: dict[str, Any] | None) -> float:
     request = apply_pb2.ApplyRequest()
     request.rulesets.add(name="r1", content=RULE.format(shell=shell), order=50)
-    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for port in ports]
+    channels = [
+        open_channel(
+            f"127.0.0.1:{port}",
+            tls=pki["operator"] if pki else None,
+            insecure=pki is None,
+            server_name=pki["server_name"] if pki else None,
+        )
+        for port in ports
+    ]
     try:
         # Connections are warm, as the operator's are after its first push.
         await asyncio.gather(*(ch.channel_ready() for ch in channels))
@@ -199,9 +244,17 @@ async def _bare_fan_out(ports: list[int], shell: str) -> float:
 
 
 async def scenario(count: int, changes: int, real: bool) -> dict[str, Any]:
+    pki_dir = Path(tempfile.mkdtemp(prefix="fapi-bench-pki-"))
+    try:
+        return await _scenario(count, changes, _real_sidecar_pki(pki_dir) if real else None)
+    finally:
+        shutil.rmtree(pki_dir, ignore_errors=True)
+
+
+async def _scenario(count: int, changes: int, pki: dict[str, Any] | None) -> dict[str, Any]:
     context = multiprocessing.get_context("spawn")
     control, child = context.Pipe()
-    process = context.Process(target=_sidecars_main, args=(count, real, child), daemon=True)
+    process = context.Process(target=_sidecars_main, args=(count, pki, child), daemon=True)
     process.start()
     ports: list[int] = await asyncio.get_running_loop().run_in_executor(None, control.recv)
     emulator = CountingEmulator()
@@ -217,7 +270,7 @@ async def scenario(count: int, changes: int, real: bool) -> dict[str, Any]:
             for i, port in enumerate(ports):
                 await kube.add_node(f"node-{i:03}")
                 await kube.add_falco_pod(f"node-{i:03}", port)
-            stop, thread = _start_operator(emulator.base_url)
+            stop, thread = _start_operator(emulator.base_url, pki)
             try:
                 started = time.monotonic()
                 await kube.apply_rule("r1", RULE.format(shell="bash"))
@@ -237,7 +290,7 @@ async def scenario(count: int, changes: int, real: bool) -> dict[str, Any]:
                     await asyncio.sleep(1.0)
                     status_writes.append(emulator.status_patches("falcorules", "r1") - writes_before)
                     requests.append(sum(emulator.requests_seen.values()) - requests_before)
-                    bare.append(await _bare_fan_out(ports, f"bare{change}"))
+                    bare.append(await _bare_fan_out(ports, f"bare{change}", pki))
             finally:
                 # Before the emulator goes: the operator's watches would retry against a closed port.
                 stop.set()
