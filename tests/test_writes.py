@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
+from falco_api.alerts import Alert, parse_alert
 from falco_api.contract.falco.api import apply_pb2, configs_pb2, rules_pb2, unary_pb2_grpc
+from falco_api.hub import Entry, Hub
+from falco_api_sidecar.managed import LoadState, ManagedStore
+from falco_api_sidecar.writes import CONFIG_FILES_METRIC, RULES_FILES_METRIC, WriteCoordinator
 from tests.real_sidecar import RealSidecar
 
 LOADED = rules_pb2.LoadStatus.STATE_LOADED
@@ -247,3 +254,108 @@ async def test_the_operator_computes_the_sidecars_state_hash(setup: WritableSetu
     reply = await call(setup, "apply", request)
     assert reply.result.status.state == LOADED
     assert reply.result.state_sha256 == state_sha256(rules, configs)
+
+
+# --- the coordinator alone, against a scripted Falco ---------------------------------------------
+
+
+class ScriptedFalco:
+    """/metrics reports whatever `loaded` says Falco runs (base name -> sha256)."""
+
+    def __init__(self) -> None:
+        self.loaded_rules: dict[str, str] = {}
+        self.loaded_configs: dict[str, str] = {}
+
+    def load(self, store: ManagedStore) -> None:
+        self.loaded_rules = store.expected_rules_hashes()
+        self.loaded_configs = store.expected_config_hashes()
+
+    async def metrics(self) -> str:
+        lines = [
+            f'{RULES_FILES_METRIC}{{file_name="{n}",sha256="{s}"}} 1' for n, s in self.loaded_rules.items()
+        ]
+        lines += [
+            f'{CONFIG_FILES_METRIC}{{file_name="{n}",sha256="{s}"}} 1' for n, s in self.loaded_configs.items()
+        ]
+        return "\n".join(lines) + "\n"
+
+
+def hot_restart_failure(at: datetime, error: str) -> Alert:
+    stamp = at.strftime("%Y-%m-%dT%H:%M:%S.%f") + "000Z"
+    return parse_alert(
+        json.dumps(
+            {
+                "time": stamp,
+                "rule": "Falco internal: hot restart failure",
+                "priority": "Critical",
+                "source": "internal",
+                "hostname": "n",
+                "output": f"Falco internal: hot restart failure: {error}",
+                "output_fields": {},
+            }
+        )
+    )
+
+
+@pytest.fixture
+def coordinated(tmp_path: Path) -> tuple[ManagedStore, ScriptedFalco, Hub[Alert], WriteCoordinator]:
+    store = ManagedStore.open(tmp_path / "root", rules_validator=lambda files: [], durable=False)
+    falco = ScriptedFalco()
+    alerts: Hub[Alert] = Hub(replay_size=10, queue_size=10)
+    writes = WriteCoordinator(store, falco, alerts, confirm_timeout=3.0, poll_interval=0.01)  # type: ignore[arg-type]
+    return store, falco, alerts, writes
+
+
+async def test_a_refusal_older_than_the_commit_is_not_this_writes_verdict(
+    coordinated: tuple[ManagedStore, ScriptedFalco, Hub[Alert], WriteCoordinator],
+) -> None:
+    """An unrelated, earlier reload's refusal reaching the sidecar late must not roll back this write."""
+    store, falco, alerts, writes = coordinated
+    earlier = datetime.now(UTC)
+
+    def put() -> Any:
+        outcome = store.put_ruleset("shells", SHELLS, 10)
+        # Falco's refusal of an older change arrives while we wait; then Falco loads ours.
+        alerts.publish(Entry(1, "falco", hot_restart_failure(earlier, "an older edit"), b""))
+        return outcome
+
+    async def falco_loads_later() -> None:
+        await asyncio.sleep(0.2)
+        falco.load(store)
+
+    loader = asyncio.create_task(falco_loads_later())
+    outcome = await writes.write(put)
+    await loader
+    assert outcome.status.state == LoadState.LOADED, outcome.status.message
+    assert not outcome.rolled_back
+    assert [r.name for r in store.list_rulesets()] == ["shells"]
+
+
+async def test_a_client_that_goes_away_does_not_stop_the_rollback(
+    coordinated: tuple[ManagedStore, ScriptedFalco, Hub[Alert], WriteCoordinator],
+) -> None:
+    store, falco, alerts, writes = coordinated
+    first = await asyncio.gather(
+        writes.write(lambda: store.put_ruleset("shells", SHELLS, 10)), _load_soon(falco, store)
+    )
+    assert first[0].status.state == LoadState.LOADED
+    good = store.state_sha256
+
+    caller = asyncio.create_task(writes.write(lambda: store.put_ruleset("more", MORE_SHELLS, 20)))
+    await asyncio.sleep(0.1)  # the write is committed and waiting for Falco's verdict
+    caller.cancel()  # the client's deadline passed
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    alerts.publish(Entry(1, "falco", hot_restart_failure(datetime.now(UTC), "bad rules"), b""))
+    # Falco still runs the first set: the restored set is confirmed by the same hashes.
+    for _ in range(200):
+        if store.state_sha256 == good and store.status().state == LoadState.LOADED:
+            break
+        await asyncio.sleep(0.01)
+    assert [r.name for r in store.list_rulesets()] == ["shells"]
+    assert store.state_sha256 == good
+
+
+async def _load_soon(falco: ScriptedFalco, store: ManagedStore) -> None:
+    await asyncio.sleep(0.05)
+    falco.load(store)

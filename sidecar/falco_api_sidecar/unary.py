@@ -160,6 +160,10 @@ class UnaryServicer(unary_pb2_grpc.unaryServicer):
         except ManagedError as error:
             self._record(context, action, target, old_sha, "", f"refused: {error}".splitlines()[0])
             await self._abort_for(error, context)
+        except asyncio.CancelledError:
+            # The coordinator finishes the write (verdict, rollback) without the caller.
+            self._record(context, action, target, old_sha, "", "caller went away before Falco's verdict")
+            raise
         result = "rolled back: " if outcome.rolled_back else ""
         self._record(
             context, action, target, old_sha, outcome.result.state_sha256, result + outcome.status.state.value

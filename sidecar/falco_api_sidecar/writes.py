@@ -93,13 +93,29 @@ class WriteCoordinator:
         self.confirm_timeout = confirm_timeout
         self.poll_interval = poll_interval
         self._lock = asyncio.Lock()
+        self._in_flight: set[asyncio.Task[WriteOutcome]] = set()
 
     async def write(self, operation: Callable[[], WriteResult]) -> WriteOutcome:
         """Run one store operation (in a thread), then wait for Falco's verdict and act on it.
 
         The store's own errors (validation, conflicts, bad names) propagate unchanged:
         nothing was written then.
+
+        Once started, a write runs to its end even if the caller goes away (a client's deadline,
+        a dropped connection): stopping between the commit and the verdict would leave a set that
+        Falco refused on disk, with every later write built on it.
         """
+        task = asyncio.ensure_future(self._write_serialised(operation))
+        self._in_flight.add(task)
+        task.add_done_callback(self._finished)
+        return await asyncio.shield(task)
+
+    def _finished(self, task: asyncio.Task[WriteOutcome]) -> None:
+        self._in_flight.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a managed write failed: %s", task.exception())
+
+    async def _write_serialised(self, operation: Callable[[], WriteResult]) -> WriteOutcome:
         async with self._lock:
             # Subscribe before writing, so a failure alert that arrives at once is not missed.
             failures = self.alerts.subscribe(
@@ -107,11 +123,15 @@ class WriteCoordinator:
             )
             try:
                 result = await asyncio.to_thread(operation)
+                # Falco stamps its refusal when its dry run fails, at least one debounce (100 ms)
+                # after the file event: a refusal stamped before the commit returned is about an
+                # earlier change (an unconfirmed write, an edit elsewhere), not this one.
+                committed_ns = time.time_ns()
                 if result.dry_run:
                     return WriteOutcome(result, result.status)
                 if not result.changed and result.status.state == LoadState.LOADED:
                     return WriteOutcome(result, result.status)
-                status = await self._verdict(result, failures)
+                status = await self._verdict(result, failures, not_before_ns=committed_ns)
                 return await self._settle(result, status)
             finally:
                 failures.cancel()
@@ -145,7 +165,9 @@ class WriteCoordinator:
             replace(result, status=failed), failed, rolled_back=True, rollback_result=restored
         )
 
-    async def _verdict(self, result: WriteResult, failures: Subscription[Alert] | None) -> LoadStatus:
+    async def _verdict(
+        self, result: WriteResult, failures: Subscription[Alert] | None, *, not_before_ns: int = 0
+    ) -> LoadStatus:
         expected_rules = await asyncio.to_thread(self.store.expected_rules_hashes)
         expected_configs = await asyncio.to_thread(self.store.expected_config_hashes)
         deadline = time.monotonic() + self.confirm_timeout
@@ -184,6 +206,15 @@ class WriteCoordinator:
                     delivery = failure_wait.result()
                     if delivery is not None and delivery.entry is not None:
                         alert = delivery.entry.item
+                        if alert.time_ns < not_before_ns and failures is not None:
+                            log.info(
+                                "ignoring a hot restart failure stamped before generation %d was "
+                                "committed: %s",
+                                result.generation,
+                                alert.output or alert.message,
+                            )
+                            failure_wait = asyncio.ensure_future(failures.next())
+                            continue
                         message = alert.output or alert.message or HOT_RESTART_FAILURE_RULE
                         return LoadStatus(
                             LoadState.FAILED, f"Falco refused the new set: {message}", time.time()
