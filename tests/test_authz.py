@@ -185,6 +185,28 @@ def test_identity_from_grpc_auth_context() -> None:
     assert str(tls) == f"CN=falco-api-relay SAN=relay.svc,{INJECTOR_URI}"
 
 
+def test_a_common_name_cannot_pose_as_a_uri_identity() -> None:
+    """CNs are free text to many issuers; a SPIFFE-style grant is only proved by a URI SAN."""
+    poser = cert_identity(INJECTOR_URI, "poser.falco.svc")
+    assert POLICY.roles_of(poser) == frozenset()
+    assert not POLICY.allowed(poser, INPUTS)
+
+
+def test_email_sans_are_not_identities() -> None:
+    """Issuers rarely check e-mail SANs; gRPC lists them with the others, typed ones say which."""
+    context = {
+        "transport_security_type": [b"ssl"],
+        "x509_common_name": [b"someone"],
+        "x509_subject_alternative_name": [b"someone.svc", b"falco-api-operator", INJECTOR_URI.encode()],
+        "peer_dns": [b"someone.svc"],
+        "peer_email": [b"falco-api-operator"],
+        "peer_uri": [INJECTOR_URI.encode()],
+    }
+    identity = identity_from_auth_context("ipv4:10.0.0.2:1", context)
+    assert identity.sans == ("someone.svc", INJECTOR_URI)
+    assert POLICY.roles_of(identity) == {Role.INJECTOR}
+
+
 # --- the roles file --------------------------------------------------------------------------
 
 

@@ -105,10 +105,15 @@ class Identity:
 
     @property
     def names(self) -> tuple[str, ...]:
-        """Every name a roles file may use for this caller (certificate CN and SANs)."""
+        """Every name a roles file may use for this caller (certificate CN and SANs).
+
+        A CN shaped like a URI is left out: many issuers take the CN as the requester wrote it,
+        while a URI identity (SPIFFE) is only proved by a URI SAN.
+        """
         if self.transport is not Transport.MTLS:
             return ()
-        return tuple(name for name in (self.common_name, *self.sans) if name)
+        common = () if _URI_SHAPED.search(self.common_name) else (self.common_name,)
+        return tuple(name for name in (*common, *self.sans) if name)
 
     def __str__(self) -> str:
         if self.transport is Transport.UNIX:
@@ -121,8 +126,21 @@ class Identity:
         return text
 
 
+_URI_SHAPED = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# gRPC's typed SAN properties; e-mail SANs (peer_email) are left out on purpose: issuers rarely
+# check them, so they prove nothing a roles file should rely on.
+_TYPED_SANS = ("peer_dns", "peer_ip", "peer_uri")
+
+
 def _texts(values: Iterable[bytes] | None) -> tuple[str, ...]:
     return tuple(value.decode("utf-8", "replace") for value in values or ())
+
+
+def _sans(auth_context: Mapping[str, Iterable[bytes]]) -> tuple[str, ...]:
+    if any(key in auth_context for key in (*_TYPED_SANS, "peer_email")):
+        return tuple(name for key in _TYPED_SANS for name in _texts(auth_context.get(key)))
+    # An older gRPC without typed properties: only the untyped list is there.
+    return _texts(auth_context.get("x509_subject_alternative_name"))
 
 
 def identity_from_auth_context(peer: str, auth_context: Mapping[str, Iterable[bytes]]) -> Identity:
@@ -137,7 +155,7 @@ def identity_from_auth_context(peer: str, auth_context: Mapping[str, Iterable[by
         Transport.MTLS,
         peer=peer,
         common_name=common_names[0] if common_names else "",
-        sans=_texts(auth_context.get("x509_subject_alternative_name")),
+        sans=_sans(auth_context),
     )
 
 
