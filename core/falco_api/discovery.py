@@ -125,6 +125,11 @@ def sidecars_by_node(
     return {node: sidecar for node, (_, sidecar) in chosen.items()}
 
 
+def pod_key(pod: Mapping[str, Any]) -> tuple[str, str]:
+    metadata = pod.get("metadata") or {}
+    return (str(metadata.get("namespace") or ""), str(metadata.get("name") or ""))
+
+
 class SidecarDirectory:
     """Folds pod watch events into the current node -> sidecar map.
 
@@ -136,6 +141,8 @@ class SidecarDirectory:
         self.port_name = port_name
         self._pods: dict[tuple[str, str], Mapping[str, Any]] = {}
         self._by_node: dict[str, Sidecar] = {}
+        # (namespace, name) of every pod an event was observed for, deleted ones included.
+        self.seen: set[tuple[str, str]] = set()
 
     @property
     def by_node(self) -> Mapping[str, Sidecar]:
@@ -148,8 +155,8 @@ class SidecarDirectory:
         return {node for node in nodes if node and node not in self._by_node}
 
     def observe(self, event_type: str | None, pod: Mapping[str, Any]) -> set[str]:
-        metadata = pod.get("metadata") or {}
-        key = (str(metadata.get("namespace") or ""), str(metadata.get("name") or ""))
+        key = pod_key(pod)
+        self.seen.add(key)
         if event_type == "DELETED":
             self._pods.pop(key, None)
         else:

@@ -72,6 +72,18 @@ class ClusterModel:
         self._dirty_event = asyncio.Event()
         self._reconcile_lock = asyncio.Lock()
         self._writer: asyncio.Task[None] | None = None
+        # The start-up gate. kopf's index handlers fill ``listed`` while it lists each kind, and kopf
+        # runs no event handler before every list is in; event handlers fill ``seen``. Until every
+        # listed object went through its handler, a push would be a partial state: Falco on every
+        # node would drop the rules not seen yet (an operator restart), so nothing is pushed or
+        # written. Without index handlers (nothing listed) the model is live at once.
+        self.listed: dict[str, set[str]] = {kind: set() for kind in (*KINDS, "nodes")}
+        self.seen: dict[str, set[str]] = {kind: set() for kind in (*KINDS, "nodes")}
+        self.listed_pods: set[tuple[str, str]] = set()
+        self._primed = False
+        # The FalcoRules kopf listed, kept by the index handler: admission and acceptance validate
+        # against the whole set even while the event handlers are still going through it.
+        self.known_rules: dict[str, FalcoRuleSpec] = {}
 
     # --- inputs -------------------------------------------------------------------------------
 
@@ -90,7 +102,17 @@ class ClusterModel:
         ]
 
     def all_rules(self) -> list[FalcoRuleSpec]:
-        return [o.spec for o in self.objects.values() if isinstance(o.spec, FalcoRuleSpec)]
+        tracked = {o.spec.name: o.spec for o in self.objects.values() if isinstance(o.spec, FalcoRuleSpec)}
+        return list({**tracked, **self.known_rules}.values())
+
+    @property
+    def primed(self) -> bool:
+        """Every object listed at start-up has been through its event handler."""
+        if not self._primed:
+            self._primed = all(self.listed[kind] <= self.seen[kind] for kind in self.listed) and (
+                self.listed_pods <= self.directory.seen
+            )
+        return self._primed
 
     async def upsert(
         self,
@@ -108,6 +130,8 @@ class ClusterModel:
 
     async def forget(self, plural: str, name: str) -> None:
         self.objects.pop((plural, name), None)
+        if plural == RULES_PLURAL:
+            self.known_rules.pop(name, None)
         self._dirty.discard((plural, name))
         await self.reconcile()
 
@@ -123,6 +147,8 @@ class ClusterModel:
     async def reconcile(self) -> None:
         """Recompute every node's desired state and hand it to the pushers; mark all status dirty."""
         async with self._reconcile_lock:
+            if not self.primed:
+                return
             sidecars = self.directory.by_node
             rules, configs = self.rules(), self.configs()
             desired = {

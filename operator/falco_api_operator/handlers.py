@@ -10,7 +10,14 @@ from typing import Any, cast
 
 import kopf
 
-from falco_api.discovery import DEFAULT_PORT_NAME, DEFAULT_SELECTOR, SidecarDirectory, register_kopf_pod_watch
+from falco_api.discovery import (
+    DEFAULT_PORT_NAME,
+    DEFAULT_SELECTOR,
+    SidecarDirectory,
+    parse_equality_selector,
+    pod_key,
+    register_kopf_pod_watch,
+)
 from falco_api.tls import TlsFiles, open_channel
 
 from .cluster import KINDS, ClusterModel
@@ -224,12 +231,40 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
     def sidecars_known(**_: Any) -> int:
         return len(runtime.directory.by_node)
 
+    # Index handlers (async: kopf would run sync ones in a thread) do no indexing: their presence
+    # makes kopf hold every event handler until each kind's initial list is in, and they tell the
+    # model what was listed (see ClusterModel.primed).
+    @kopf.index(GROUP, VERSION, RULES_PLURAL, registry=registry)  # type: ignore[untyped-decorator]
+    async def falcorules_listed(body: Mapping[str, Any], name: str, **_: Any) -> None:
+        model.listed[RULES_PLURAL].add(name)
+        try:
+            if body.get("metadata", {}).get("deletionTimestamp"):
+                raise ValueError("being deleted")
+            model.known_rules[name] = FalcoRuleSpec.from_object(body)
+        except (SelectorError, ValueError, TypeError):
+            model.known_rules.pop(name, None)
+
+    @kopf.index(GROUP, VERSION, CONFIGS_PLURAL, registry=registry)  # type: ignore[untyped-decorator]
+    async def falcoconfigs_listed(name: str, **_: Any) -> None:
+        model.listed[CONFIGS_PLURAL].add(name)
+
+    @kopf.index("", "v1", "nodes", registry=registry)  # type: ignore[untyped-decorator]
+    async def nodes_listed(name: str, **_: Any) -> None:
+        model.listed["nodes"].add(name)
+
+    @kopf.index(  # type: ignore[untyped-decorator]
+        "", "v1", "pods", labels=parse_equality_selector(config.sidecar_selector), registry=registry
+    )
+    async def pods_listed(body: Mapping[str, Any], **_: Any) -> None:
+        model.listed_pods.add(pod_key(body))
+
     register_kopf_pod_watch(
         registry, config.sidecar_selector, runtime.directory, lambda _nodes: model.reconcile()
     )
 
     @kopf.on.event("", "v1", "nodes", registry=registry)  # type: ignore[untyped-decorator]
     async def node_event(event: Mapping[str, Any], name: str, labels: Mapping[str, str], **_: Any) -> None:
+        model.seen["nodes"].add(name)
         await model.set_node(name, None if event.get("type") == "DELETED" else labels)
 
     # --- FalcoRule ---------------------------------------------------------------------------
@@ -259,6 +294,7 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
     async def rule_event(
         event: Mapping[str, Any], body: Mapping[str, Any], name: str, status: Mapping[str, Any], **_: Any
     ) -> None:
+        model.seen[RULES_PLURAL].add(name)
         if event.get("type") == "DELETED":
             await model.forget(RULES_PLURAL, name)
             return
@@ -303,6 +339,7 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
     async def config_event(
         event: Mapping[str, Any], body: Mapping[str, Any], name: str, status: Mapping[str, Any], **_: Any
     ) -> None:
+        model.seen[CONFIGS_PLURAL].add(name)
         if event.get("type") == "DELETED":
             await model.forget(CONFIGS_PLURAL, name)
             return

@@ -1,0 +1,36 @@
+"""Edge cases of the operator against the API emulator and real sidecars (the review of issue 4)."""
+
+from __future__ import annotations
+
+from .conftest import Kube, OperatorStarter, SidecarFactory, eventually
+from .test_operator_flow import RULE, ready_status
+
+
+def other_rule(tag: str) -> str:
+    return RULE.replace("Shell in", f"{tag} shell in")
+
+
+async def test_operator_start_never_pushes_a_partial_state(
+    kube: Kube, sidecar_factory: SidecarFactory, start_operator: OperatorStarter
+) -> None:
+    # Rules and pods exist before the operator starts (an operator restart). Its watches list
+    # them in any order: a push before every rule, config and node label is known would take
+    # rules away from Falco on every node until the next push.
+    sidecars = [await sidecar_factory(f"node-{i}") for i in range(3)]
+    names = [f"rule-{i:02}" for i in range(8)]
+    for sidecar in sidecars:
+        await kube.add_node(sidecar.node, {"falco": "on"})
+        await kube.add_falco_pod(sidecar.node, sidecar.port)
+    for index, name in enumerate(names):
+        await kube.apply_rule(
+            name, other_rule(name), order=10 + index, nodeSelector={"matchLabels": {"falco": "on"}}
+        )
+    await start_operator()
+    await eventually(lambda: all(s.in_force(*names) for s in sidecars))
+
+    async def all_loaded() -> bool:
+        return all([(await ready_status(kube, n)).get("loadedSummary") == "3/3" for n in names])
+
+    await eventually(all_loaded)
+    for sidecar in sidecars:
+        assert sidecar.applies and all(applied == names for applied in sidecar.applies), sidecar.applies
