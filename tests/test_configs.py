@@ -241,3 +241,17 @@ def test_state_hash_depends_on_name_order_and_content_only() -> None:
     # A ruleset and a drop-in with the same name, order and hash are different states.
     assert compute_state_sha256([("c", 0, "z")], []) != compute_state_sha256([], [("c", 0, "z")])
     assert content_sha256("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+@pytest.mark.parametrize(
+    "metrics",
+    [{"enabled": False}, {"interval": "5m", "output_rule": True}],
+)
+def test_a_dropin_cannot_switch_off_the_metrics_that_confirm_every_write(metrics: object) -> None:
+    """A `metrics` map replaces falco.yaml's whole: without enabled the loaded-file hashes vanish."""
+    [refusal] = errors(validate_dropin({"metrics": metrics}, file="20-x.yaml"))
+    assert "key 'metrics'" in refusal and "enabled: true" in refusal
+
+
+def test_metrics_tuning_that_keeps_them_enabled_is_accepted() -> None:
+    assert errors(validate_dropin({"metrics": {"enabled": True, "interval": "5m"}})) == []

@@ -155,6 +155,17 @@ def validate_dropin(settings: object, *, file: str = "<drop-in>") -> list[Config
             )
     if findings:
         return findings
+    metrics = settings.get("metrics")
+    if isinstance(metrics, Mapping) and metrics.get("enabled") is not True:
+        findings.append(
+            ConfigFinding(
+                file,
+                "must keep `enabled: true`: a drop-in's map replaces falco.yaml's `metrics` as a whole, "
+                "and without metrics Falco stops reporting the hashes of what it loaded, so no write "
+                "could be confirmed or rolled back",
+                item_name="metrics",
+            )
+        )
     for key in sorted(settings):
         reason = SIDECAR_OWNED_KEYS.get(key)
         if reason is not None:
