@@ -121,3 +121,13 @@ def test_loader_keeps_positions() -> None:
     doc = load_rules_yaml("- list: x\n  items: [a]\n")
     assert doc.data == [{"list": "x", "items": ["a"]}]
     assert doc.root is not None and doc.root.value[0].start_mark.line == 0
+
+
+@pytest.mark.parametrize("char", ["\x00", "\x07", "\x1b", "\ufffe"])
+def test_a_control_character_is_a_syntax_error_at_its_position(char: str) -> None:
+    """PyYAML refuses these while reading; that must be a finding with a position, not a crash."""
+    text = f"- macro: a\n  condition: evt.num=0{char}\n"
+    with pytest.raises(YamlSyntaxError) as caught:
+        load_rules_yaml(text)
+    assert (caught.value.line, caught.value.column) == (2, 23)
+    assert "not allowed" in caught.value.message

@@ -141,7 +141,15 @@ def load_rules_yaml(content: str, limits: RulesLimits | None = None) -> LoadedDo
     size = len(content.encode("utf-8", errors="surrogatepass"))
     if size > limits.max_bytes:
         raise YamlLimitError(f"file is {size} bytes, larger than the limit of {limits.max_bytes} bytes", 1, 1)
-    loader = _BoundedLoader(content, limits.max_depth)
+    try:
+        # The reader refuses control characters (NUL, ESC, ...) as soon as it is made.
+        loader = _BoundedLoader(content, limits.max_depth)
+    except yaml.reader.ReaderError as exc:
+        line, col = _position_of(content, exc.position)
+        code = exc.character if isinstance(exc.character, int) else ord(str(exc.character)[:1] or "?")
+        raise YamlSyntaxError(
+            f"invalid YAML: character U+{code:04X} is not allowed ({exc.reason})", line, col
+        ) from None
     try:
         root = loader.get_single_node()
         if root is None:
@@ -160,6 +168,13 @@ def load_rules_yaml(content: str, limits: RulesLimits | None = None) -> LoadedDo
     finally:
         loader.dispose()
     return LoadedDocument(root, data)
+
+
+def _position_of(content: str, index: int) -> tuple[int, int]:
+    """1-based (line, column) of a character index, counting lines like PyYAML."""
+    before = content[:index]
+    line_start = max(before.rfind("\n"), before.rfind("\r")) + 1
+    return before.count("\n") + before.count("\r") - before.count("\r\n") + 1, index - line_start + 1
 
 
 def mapping_entries(node: MappingNode) -> dict[str, tuple[Node, Node]]:
