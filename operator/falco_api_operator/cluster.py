@@ -81,9 +81,6 @@ class ClusterModel:
         self.seen: dict[str, set[str]] = {kind: set() for kind in (*KINDS, "nodes")}
         self.listed_pods: set[tuple[str, str]] = set()
         self._primed = False
-        # The FalcoRules kopf listed, kept by the index handler: admission and acceptance validate
-        # against the whole set even while the event handlers are still going through it.
-        self.known_rules: dict[str, FalcoRuleSpec] = {}
 
     # --- inputs -------------------------------------------------------------------------------
 
@@ -102,8 +99,7 @@ class ClusterModel:
         ]
 
     def all_rules(self) -> list[FalcoRuleSpec]:
-        tracked = {o.spec.name: o.spec for o in self.objects.values() if isinstance(o.spec, FalcoRuleSpec)}
-        return list({**tracked, **self.known_rules}.values())
+        return [o.spec for o in self.objects.values() if isinstance(o.spec, FalcoRuleSpec)]
 
     @property
     def primed(self) -> bool:
@@ -130,8 +126,6 @@ class ClusterModel:
 
     async def forget(self, plural: str, name: str) -> None:
         self.objects.pop((plural, name), None)
-        if plural == RULES_PLURAL:
-            self.known_rules.pop(name, None)
         self._dirty.discard((plural, name))
         await self.reconcile()
 

@@ -235,14 +235,8 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
     # makes kopf hold every event handler until each kind's initial list is in, and they tell the
     # model what was listed (see ClusterModel.primed).
     @kopf.index(GROUP, VERSION, RULES_PLURAL, registry=registry)  # type: ignore[untyped-decorator]
-    async def falcorules_listed(body: Mapping[str, Any], name: str, **_: Any) -> None:
+    async def falcorules_listed(name: str, **_: Any) -> None:
         model.listed[RULES_PLURAL].add(name)
-        try:
-            if body.get("metadata", {}).get("deletionTimestamp"):
-                raise ValueError("being deleted")
-            model.known_rules[name] = FalcoRuleSpec.from_object(body)
-        except (SelectorError, ValueError, TypeError):
-            model.known_rules.pop(name, None)
 
     @kopf.index(GROUP, VERSION, CONFIGS_PLURAL, registry=registry)  # type: ignore[untyped-decorator]
     async def falcoconfigs_listed(name: str, **_: Any) -> None:

@@ -201,6 +201,13 @@ async def kube(api: FalcoApiServerEmulator) -> AsyncIterator[Kube]:
 class RunningOperator:
     runtime: Runtime
     config: OperatorConfig
+    stop_flag: threading.Event
+    thread: threading.Thread
+
+    async def stop(self) -> None:
+        """Stop this operator as its process would stop (a restart starts another one)."""
+        self.stop_flag.set()
+        await asyncio.to_thread(self.thread.join, 10)
 
 
 OperatorStarter = Callable[..., Awaitable[RunningOperator]]
@@ -254,7 +261,7 @@ async def start_operator(
         running.append((stop, thread))
         await asyncio.to_thread(ready.wait, 10)
         assert ready.is_set(), "the operator did not start within 10 s"
-        return RunningOperator(runtime, config)
+        return RunningOperator(runtime, config, stop, thread)
 
     yield start
     for stop, _ in running:

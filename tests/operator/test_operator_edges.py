@@ -34,3 +34,39 @@ async def test_operator_start_never_pushes_a_partial_state(
     await eventually(all_loaded)
     for sidecar in sidecars:
         assert sidecar.applies and all(applied == names for applied in sidecar.applies), sidecar.applies
+
+
+MACRO_RULES = """
+- macro: spawned_shell
+  condition: evt.type = execve and proc.name = bash
+"""
+USES_MACRO = """
+- rule: Shell via macro
+  desc: a shell was spawned
+  condition: spawned_shell
+  output: shell (user=%user.name)
+  priority: WARNING
+"""
+
+
+async def test_rule_using_a_macro_of_a_later_listed_rule_stays_loaded_across_a_restart(
+    kube: Kube, sidecar_factory: SidecarFactory, start_operator: OperatorStarter
+) -> None:
+    # "z-uses" needs the macro of "a-defines" and is listed first after a restart. Validated
+    # against only what the handlers had seen so far, it was refused and taken off every node
+    # until its next change.
+    sidecar = await sidecar_factory("node-a")
+    await kube.add_node("node-a")
+    await kube.add_falco_pod("node-a", sidecar.port)
+    first = await start_operator()
+    await kube.apply_rule("z-uses", USES_MACRO, order=60)
+    await kube.apply_rule("a-defines", MACRO_RULES, order=10)
+    await kube.patch("/apis/falcoapi.io/v1alpha1/falcorules/z-uses", {"metadata": {"labels": {"x": "y"}}})
+    await eventually(lambda: sidecar.in_force("a-defines", "z-uses"))
+    await first.stop()
+    pushed_before = len(sidecar.applies)
+    # Both objects carry kopf's finalizer and annotations already: each gets one event, from the list.
+    await start_operator()
+    await kube.apply_rule("later", other_rule("later"), order=90)
+    await eventually(lambda: sidecar.in_force("a-defines", "z-uses", "later"))
+    assert all("z-uses" in applied for applied in sidecar.applies[pushed_before:]), sidecar.applies
