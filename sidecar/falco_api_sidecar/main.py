@@ -235,6 +235,9 @@ class Sidecar:
 
     async def stop(self) -> None:
         """Stop taking alerts, let subscribers drain their queues within the grace period, then close."""
+        if self.writes is not None:
+            # Everything a verdict needs (Falco's webserver, our ingest) is still up here.
+            await self.writes.drain(self.config.grace)
         for task in self._tasks:
             task.cancel()
         if self.line_ingest is not None:

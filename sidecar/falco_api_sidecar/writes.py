@@ -31,6 +31,7 @@ from falco_api_sidecar.falco_web import FalcoWebClient
 from falco_api_sidecar.managed import (
     LoadState,
     LoadStatus,
+    ManagedError,
     ManagedStore,
     NoLastGoodError,
     WriteResult,
@@ -112,8 +113,17 @@ class WriteCoordinator:
 
     def _finished(self, task: asyncio.Task[WriteOutcome]) -> None:
         self._in_flight.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("a managed write failed: %s", task.exception())
+        error = None if task.cancelled() else task.exception()
+        # Refusals (validation, conflicts) are the caller's answer, not the sidecar's failure.
+        if error is not None and not isinstance(error, ManagedError):
+            log.error("a managed write failed: %s", error)
+
+    async def drain(self, seconds: float) -> None:
+        """Shutting down: let writes in flight reach Falco's verdict, for at most ``seconds``."""
+        if self._in_flight:
+            count = len(self._in_flight)
+            log.info("waiting up to %.1f s for %d write(s) to get Falco's verdict", seconds, count)
+            await asyncio.wait(set(self._in_flight), timeout=seconds)
 
     async def _write_serialised(self, operation: Callable[[], WriteResult]) -> WriteOutcome:
         async with self._lock:
