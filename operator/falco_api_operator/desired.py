@@ -150,20 +150,26 @@ def state_sha256(rulesets: Iterable[FalcoRuleSpec], configs: Iterable[FalcoConfi
     )
 
 
+def load_order_key(order: int, name: str) -> str:
+    """Where a ruleset or drop-in loads: the sidecar writes ``NN-name.yaml`` and Falco loads a folder
+    alphabetically, so ties of ``order`` go by that file name ("a-b" before "a"), not by plain name."""
+    return f"{order:02d}-{name}.yaml"
+
+
 def desired_state(
     rules: Iterable[FalcoRuleSpec], configs: Iterable[FalcoConfigSpec], node_labels: Mapping[str, str]
 ) -> DesiredState:
-    """Every enabled rule and config whose selector matches the node, in (order, name) order."""
+    """Every enabled rule and config whose selector matches the node, in Falco's load order."""
     chosen_rules = tuple(
         sorted(
             (r for r in rules if r.enabled and r.selector.matches(node_labels)),
-            key=lambda r: (r.order, r.name),
+            key=lambda r: load_order_key(r.order, r.name),
         )
     )
     chosen_configs = tuple(
         sorted(
             (c for c in configs if c.enabled and c.selector.matches(node_labels)),
-            key=lambda c: (c.order, c.name),
+            key=lambda c: load_order_key(c.order, c.name),
         )
     )
     return DesiredState(chosen_rules, chosen_configs, state_sha256(chosen_rules, chosen_configs))

@@ -1,8 +1,8 @@
 """Admission checks for FalcoRule and FalcoConfig (pure).
 
 A FalcoRule is validated together with the set it would join: every other enabled
-FalcoRule plus this one, in (order, name) order, because that is how Falco loads
-them; an override or append of a rule that no FalcoRule defines is only visible
+FalcoRule plus this one, in load order (order, then file name), because that is
+how Falco loads them; an override or append of a rule that no FalcoRule defines is only visible
 in the set. The project's validators (``falco_api.rules``, ``falco_api.configs``)
 are used when importable; until then a structural fallback keeps admission useful.
 """
@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from .desired import FalcoConfigSpec, FalcoRuleSpec, LabelSelector, SelectorError
+from .desired import FalcoConfigSpec, FalcoRuleSpec, LabelSelector, SelectorError, load_order_key
 
 RULE_ITEM_KINDS = ("rule", "macro", "list", "required_engine_version", "required_plugin_versions")
 
@@ -37,7 +37,7 @@ def rules_join_order(others: Iterable[FalcoRuleSpec], candidate: FalcoRuleSpec) 
     """The enabled set the candidate would be loaded in, candidate replacing its own old version."""
     members = [r for r in others if r.enabled and r.name != candidate.name]
     members.append(candidate)
-    return sorted(members, key=lambda r: (r.order, r.name))
+    return sorted(members, key=lambda r: load_order_key(r.order, r.name))
 
 
 def _project_rules_validator() -> Any | None:

@@ -223,3 +223,32 @@ def test_operator_flags_become_a_config(tmp_path: object) -> None:
     assert config.tls is not None and not config.manage_webhook_configuration
     with _pytest.raises(TlsConfigError, match="--insecure"):
         config_from_args(build_parser().parse_args([]))
+
+
+def test_ties_load_in_the_sidecars_file_order_not_plain_name_order() -> None:
+    # The sidecar writes NN-name.yaml and Falco loads a folder alphabetically: "50-a-b.yaml"
+    # comes before "50-a.yaml" ('-' sorts before '.'), although "a" < "a-b".
+    from falco_api_sidecar.managed import file_name_for
+
+    rules = [rule("a", 50), rule("a-b", 50), rule("a0", 50), rule("b", 7)]
+    state = desired_state(rules, [], {})
+    falco_order = sorted(rules, key=lambda r: file_name_for(r.name, r.order))
+    assert [r.name for r in state.rulesets] == [r.name for r in falco_order] == ["b", "a-b", "a", "a0"]
+
+
+def test_admission_validates_ties_in_the_order_falco_loads_them() -> None:
+    base = FalcoRuleSpec(
+        "shell",
+        "- rule: Shell\n  desc: d\n  condition: proc.name = bash\n  output: o\n  priority: WARNING\n",
+        50,
+        LabelSelector(),
+    )
+    extension = FalcoRuleSpec(
+        "shell-extra",
+        "- rule: Shell\n  condition: and user.name = root\n  override:\n    condition: append\n",
+        50,
+        LabelSelector(),
+    )
+    # Falco loads 50-shell-extra.yaml before 50-shell.yaml: the override comes first and fails.
+    findings = validate_rule_in_set(extension, [base])
+    assert findings and "override" in findings[0].message
