@@ -321,3 +321,27 @@ def test_finding_str_formats() -> None:
     assert (
         str(Finding("f.yaml", "macro", "m", 1, 2, "meh", "warning")) == "f.yaml:1:2: warning: macro 'm': meh"
     )
+
+
+def test_unknown_field_classes_are_warnings_when_a_plugin_may_provide_them() -> None:
+    from falco_api.rules import RulesFile, validate_rules
+
+    rule = (
+        "- rule: Anomaly\n  desc: d\n  condition: evt.type = execve and anomaly.count_min_sketch > 5\n"
+        "  output: odd (%anomaly.count_min_sketch)\n  priority: WARNING\n"
+    )
+    alone = validate_rules([RulesFile("a.yaml", rule)])
+    assert [f.severity for f in alone] == ["error", "error"]
+    with_plugin = validate_rules(
+        [
+            RulesFile(
+                "a.yaml",
+                "- required_plugin_versions:\n  - name: anomalydetection\n    version: 0.1.0\n" + rule,
+            )
+        ]
+    )
+    assert [f.severity for f in with_plugin] == ["warning", "warning"]
+    with_container_only = validate_rules(
+        [RulesFile("a.yaml", "- required_plugin_versions:\n  - name: container\n    version: 0.2.0\n" + rule)]
+    )
+    assert [f.severity for f in with_container_only] == ["error", "error"]

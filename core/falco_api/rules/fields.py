@@ -36,6 +36,9 @@ SYSCALL_FIELD_CLASSES = frozenset(
 # The k8saudit plugin's classes; `evt` holds the generic fields every source has (evt.time, ...).
 K8S_AUDIT_FIELD_CLASSES = frozenset({"ka", "jevt", "json", "evt", "k8saudit"})
 
+# Plugins whose field classes are already in the tables above.
+KNOWN_FIELD_PLUGINS = frozenset({"container", "k8smeta", "k8saudit", "json"})
+
 BUILTIN_SOURCES: dict[str, frozenset[str]] = {
     "syscall": SYSCALL_FIELD_CLASSES,
     "k8s_audit": K8S_AUDIT_FIELD_CLASSES,

@@ -24,7 +24,7 @@ from .condition import (
     collect_refs,
     parse_condition,
 )
-from .fields import known_classes, parse_output
+from .fields import KNOWN_FIELD_PLUGINS, known_classes, parse_output
 from .model import DefinedItems, Finding, RulesFile, Severity
 from .yamlload import (
     RulesLimits,
@@ -231,6 +231,9 @@ class _Loader:
         self.lists: dict[str, ListState] = {}
         self.refused_by_limits = False
         self._reported_macro_fields: set[tuple[str, int, str]] = set()
+        # Plugins the set requires: one that is not among those whose fields are known here may add
+        # field classes to the built-in sources, so unknown classes are only warned about then.
+        self.required_plugins: set[str] = set()
 
     # --- reporting ---------------------------------------------------------------------------------
 
@@ -678,13 +681,14 @@ class _Loader:
                 self.report(origin, f"{label}: '{name}' is not a valid field name", node=fields_node)
                 ok = False
             elif classes is not None and name.split(".", 1)[0] not in classes:
+                severity = self.unknown_class_severity(rule)
                 self.report(
                     origin,
                     f"{label}: field '{name}' has an unknown field class for source '{rule.source}'",
                     node=fields_node,
-                    severity="warning" if rule.skip_unknown else "error",
+                    severity=severity,
                 )
-                ok = ok and rule.skip_unknown
+                ok = ok and severity == "warning"
         comps: str | list[str]
         if isinstance(fields_value, str):
             comps = "in" if comps_value is None else comps_value
@@ -860,6 +864,13 @@ class _Loader:
         assert isinstance(node, SequenceNode)
         for entry_node, entry in zip(node.value, values["required_plugin_versions"], strict=True):
             self.check_plugin_requirement(origin, entry_node, entry, allow_alternatives=True)
+            if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+                self.required_plugins.add(entry["name"])
+
+    def unknown_class_severity(self, rule: RuleState) -> Severity:
+        if rule.skip_unknown or self.required_plugins - KNOWN_FIELD_PLUGINS:
+            return "warning"
+        return "error"
 
     def check_plugin_requirement(
         self, origin: Origin, node: Node, entry: Any, *, allow_alternatives: bool
@@ -985,7 +996,7 @@ class _Loader:
         classes = known_classes(rule.source)
         if classes is None or parsed.refs is None:
             return
-        severity: Severity = "warning" if rule.skip_unknown else "error"
+        severity = self.unknown_class_severity(rule)
         for field_ref in parsed.refs.fields:
             if field_ref.field_class not in classes:
                 self.report_in_text(
@@ -1046,6 +1057,7 @@ class _Loader:
                     f"output: unknown field '%{output_field.name}': no field class "
                     f"'{output_field.field_class}' for source '{rule.source}'",
                     "output",
+                    self.unknown_class_severity(rule),
                 )
 
 
