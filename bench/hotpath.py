@@ -5,7 +5,7 @@ Interleaved in one run, on the Falco double's alert mix (Falco-shaped bodies, ~8
 - ``parse_alert``: JSON plus the contract checks;
 - ``+ to_response().SerializeToString()``: the protobuf runtime building both maps (before);
 - ``+ to_payload()``: the cached hand-encoded maps (what EventStreams.ingest does now);
-- ``EventStreams.ingest`` end to end with one subscriber (numbering, ring, fan-out, drop check).
+- ``EventStreams.ingest`` end to end with 1 and 64 subscribers (numbering, ring, fan-out, drop check).
 
     python -m bench.hotpath [--alerts 2000] [--rounds 5] [--profile]
 """
@@ -34,12 +34,22 @@ def main(argv: list[str] | None = None) -> int:
     mix = alert_mix("bench-node")
     bodies = [json.dumps(next(mix)).encode() for _ in range(args.alerts)]
     streams = EventStreams(origin="bench/1", hostname="bench-node", replay_size=10_000, queue_size=10**9)
-    subscription = streams.alerts.subscribe(lambda _a: True, follow=True)
+    subscriptions = [streams.alerts.subscribe(lambda _a: True, follow=True)]
 
     def ingest_all() -> None:
         for body in bodies:
             streams.ingest(parse_alert(body))
-        subscription._queue.clear()  # the subscriber "reads" everything
+        for subscription in subscriptions:
+            subscription._queue.clear()  # the subscribers "read" everything
+
+    def ingest_to_64() -> None:
+        subscriptions.extend(streams.alerts.subscribe(lambda _a: True, follow=True) for _ in range(63))
+        try:
+            ingest_all()
+        finally:
+            for subscription in subscriptions[1:]:
+                subscription.cancel()
+            del subscriptions[1:]
 
     cases: dict[str, Callable[[], object]] = {
         "json.loads": lambda: [json.loads(b) for b in bodies],
@@ -51,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             parse_alert(b).to_payload(seq=1, origin="bench/1") for b in bodies
         ],
         "EventStreams.ingest, 1 subscriber": ingest_all,
+        "EventStreams.ingest, 64 subscribers": ingest_to_64,
     }
     timings: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(args.rounds):

@@ -98,15 +98,22 @@ class Subscription(Generic[T]):
     def depth(self) -> int:
         return len(self._queue)
 
-    def offer(self, entry: Entry[T]) -> None:
-        """Queue ``entry`` if it matches; called by the hub for every published entry."""
+    def offer(self, entry: Entry[T], shared: Delivery[T] | None = None) -> None:
+        """Queue ``entry`` if it matches; called by the hub for every published entry.
+
+        ``shared`` is the hub's one ``Delivery(entry)`` for every subscriber without a loss
+        to report (deliveries are immutable), so fan-out allocates nothing per subscriber.
+        """
         if self.closed or not self.predicate(entry.item):
             return
         if len(self._queue) >= self.max_queue:
             self._record_loss(entry)
             return
-        self._queue.append(Delivery(entry, self._pending_gap))
-        self._pending_gap = None
+        if self._pending_gap is None:
+            self._queue.append(shared if shared is not None else Delivery(entry))
+        else:
+            self._queue.append(Delivery(entry, self._pending_gap))
+            self._pending_gap = None
         self._wake.set()
 
     def _record_loss(self, entry: Entry[T]) -> None:
@@ -197,8 +204,10 @@ class Hub(Generic[T]):
             self._evicted_upto[evicted.origin] = evicted.seq
         ring.append(entry)
         self.stats.published += 1
-        for subscription in self._subscriptions:
-            subscription.offer(entry)
+        if self._subscriptions:
+            shared = Delivery(entry)
+            for subscription in self._subscriptions:
+                subscription.offer(entry, shared)
 
     def subscribe(
         self,
