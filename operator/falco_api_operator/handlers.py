@@ -206,8 +206,11 @@ def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
     ) -> None:
         settings.persistence.finalizer = f"{PREFIX}/finalizer"
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
+        # kopf copies the spec into this annotation; the API server refuses more than 256 KiB of
+        # annotations, and spec.rules may be 1 MiB. No handler here reads spec diffs, so the
+        # unbounded fields are left out of the copy.
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix=PREFIX, key="last-handled-configuration"
+            prefix=PREFIX, key="last-handled-configuration", ignored_fields=["spec.rules", "spec.config"]
         )
         settings.peering.name = config.peering_name
         settings.peering.standalone = config.standalone

@@ -3,7 +3,7 @@
 kmock keeps objects and streams watch events; this subclass adds the parts of the
 API contract that kopf and our operator rely on: metadata.uid, resourceVersion,
 creationTimestamp, generation (bumped on spec changes only) and generateName;
-the status subresource (``/status`` writes touch only ``status``, main-resource
+the 256 KiB limit on an object's annotations; the status subresource (``/status`` writes touch only ``status``, main-resource
 writes never touch it); JSON-patch ``test`` failures answered with 422 as the API
 server does; labelSelector on list and watch. It also counts writes per URL, so
 tests can assert how many status patches a change caused.
@@ -114,6 +114,7 @@ class FalcoApiServerEmulator(kmock.KubernetesEmulator):
         if body is None:
             raise kmock.KubernetesError(400, "BadRequest", "the request body is not a JSON object")
         meta = body.setdefault("metadata", {})
+        _check_annotations_size(meta)
         if not meta.get("name"):
             if not meta.get("generateName"):
                 raise kmock.KubernetesError(
@@ -159,6 +160,7 @@ class FalcoApiServerEmulator(kmock.KubernetesEmulator):
             if updated.get("status") is None:
                 updated.pop("status", None)
         meta = updated.setdefault("metadata", {})
+        _check_annotations_size(meta)
         for immutable in ("uid", "creationTimestamp", "name", "namespace"):
             if immutable in current.get("metadata", {}):
                 meta[immutable] = current["metadata"][immutable]
@@ -188,6 +190,21 @@ class FalcoApiServerEmulator(kmock.KubernetesEmulator):
                 if not _selector_matches(selector, labels):
                     continue
             yield event
+
+
+# The API server refuses objects whose annotations (keys and values) exceed 256 KiB in total.
+TOTAL_ANNOTATION_SIZE_LIMIT = 256 * 1024
+
+
+def _check_annotations_size(meta: Mapping[str, Any]) -> None:
+    annotations = meta.get("annotations") or {}
+    total = sum(len(str(k)) + len(str(v)) for k, v in annotations.items())
+    if total > TOTAL_ANNOTATION_SIZE_LIMIT:
+        raise kmock.KubernetesError(
+            422,
+            "Invalid",
+            f"metadata.annotations: Too long: must have at most {TOTAL_ANNOTATION_SIZE_LIMIT} bytes",
+        )
 
 
 def _with_data(request: rendering.Request, data: Any) -> rendering.Request:

@@ -70,3 +70,32 @@ async def test_rule_using_a_macro_of_a_later_listed_rule_stays_loaded_across_a_r
     await kube.apply_rule("later", other_rule("later"), order=90)
     await eventually(lambda: sidecar.in_force("a-defines", "z-uses", "later"))
     assert all("z-uses" in applied for applied in sidecar.applies[pushed_before:]), sidecar.applies
+
+
+def big_rules(size: int) -> str:
+    items = ", ".join(f"/usr/local/lib/falco-api/binary-{i:06}" for i in range(size // 36))
+    return f"- list: allowed_binaries\n  items: [{items}]\n" + RULE
+
+
+async def test_a_rules_string_over_the_annotation_limit_is_handled_and_loaded(
+    kube: Kube, sidecar_factory: SidecarFactory, start_operator: OperatorStarter
+) -> None:
+    # kopf keeps a copy of the spec in an annotation for change detection; the API server refuses
+    # more than 256 KiB of annotations, so that copy must leave out the unbounded fields.
+    sidecar = await sidecar_factory("node-a")
+    await kube.add_node("node-a")
+    await kube.add_falco_pod("node-a", sidecar.port)
+    await start_operator()
+    rules = big_rules(270 * 1024)
+    assert len(rules) > 256 * 1024
+    await kube.apply_rule("big", rules)
+    await eventually(lambda: sidecar.in_force("big"))
+
+    async def handled() -> bool:
+        annotations = (await kube.rule("big"))["metadata"].get("annotations") or {}
+        return "falcoapi.io/last-handled-configuration" in annotations
+
+    await eventually(handled)
+    obj = await kube.rule("big")
+    assert "allowed_binaries" not in obj["metadata"]["annotations"]["falcoapi.io/last-handled-configuration"]
+    assert "falcoapi.io/finalizer" in obj["metadata"]["finalizers"]
