@@ -3,10 +3,10 @@
 kmock keeps objects and streams watch events; this subclass adds the parts of the
 API contract that kopf and our operator rely on: metadata.uid, resourceVersion,
 creationTimestamp, generation (bumped on spec changes only) and generateName;
-the 256 KiB limit on an object's annotations; the status subresource (``/status`` writes touch only ``status``, main-resource
-writes never touch it); JSON-patch ``test`` failures answered with 422 as the API
-server does; labelSelector on list and watch. It also counts writes per URL, so
-tests can assert how many status patches a change caused.
+the 256 KiB limit on an object's annotations; the status subresource (``/status``
+writes touch only ``status``, main-resource writes never touch it); JSON-patch
+``test`` failures answered with 422 as the API server does; labelSelector on
+list and watch. It also counts writes per URL, so tests can assert how many status patches a change caused.
 """
 
 from __future__ import annotations
