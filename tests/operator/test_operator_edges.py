@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from .conftest import Kube, OperatorStarter, SidecarFactory, eventually
 from .test_operator_flow import RULE, ready_status
 
@@ -99,3 +101,28 @@ async def test_a_rules_string_over_the_annotation_limit_is_handled_and_loaded(
     obj = await kube.rule("big")
     assert "allowed_binaries" not in obj["metadata"]["annotations"]["falcoapi.io/last-handled-configuration"]
     assert "falcoapi.io/finalizer" in obj["metadata"]["finalizers"]
+
+
+async def test_a_rule_and_a_config_applied_together_cost_one_apply_per_node(
+    kube: Kube, sidecar_factory: SidecarFactory, start_operator: OperatorStarter
+) -> None:
+    # `kubectl apply -f dir/` creates them milliseconds apart; each apply is a Falco reload.
+    sidecars = [await sidecar_factory(f"node-{i}") for i in range(2)]
+    for sidecar in sidecars:
+        await kube.add_node(sidecar.node)
+        await kube.add_falco_pod(sidecar.node, sidecar.port)
+    await start_operator()
+    await kube.apply_rule("r1", RULE)
+    await asyncio.sleep(0.05)  # kubectl's round trip between the two objects
+    await kube.create(
+        "/apis/falcoapi.io/v1alpha1/falcoconfigs",
+        {
+            "apiVersion": "falcoapi.io/v1alpha1",
+            "kind": "FalcoConfig",
+            "metadata": {"name": "c1"},
+            "spec": {"config": {"json_include_tags_property": True}, "order": 50},
+        },
+    )
+    await eventually(lambda: all(s.in_force("r1") and s.store.list_configs() for s in sidecars))
+    for sidecar in sidecars:
+        assert sidecar.applies == [["r1"]], sidecar.applies
