@@ -81,6 +81,8 @@ class ClusterModel:
         self.seen: dict[str, set[str]] = {kind: set() for kind in (*KINDS, "nodes")}
         self.listed_pods: set[tuple[str, str]] = set()
         self._primed = False
+        # name -> (spec, the other rules, acceptance): see handlers.rule_acceptance.
+        self.acceptance_cache: dict[str, tuple[FalcoRuleSpec, tuple[FalcoRuleSpec, ...], Acceptance]] = {}
 
     # --- inputs -------------------------------------------------------------------------------
 
@@ -126,6 +128,8 @@ class ClusterModel:
 
     async def forget(self, plural: str, name: str) -> None:
         self.objects.pop((plural, name), None)
+        if plural == RULES_PLURAL:
+            self.acceptance_cache.pop(name, None)
         self._dirty.discard((plural, name))
         await self.reconcile()
 

@@ -175,8 +175,18 @@ class Runtime:
 
 
 def rule_acceptance(spec: FalcoRuleSpec, model: ClusterModel) -> Acceptance:
-    findings = validate_rule_in_set(spec, [r for r in model.all_rules() if r.name != spec.name])
-    return Acceptance(not findings, admission_message(findings) if findings else "passed the rules validator")
+    # Every event of the object lands here, the echo of our own status patches included; a large
+    # set takes most of a second to validate on the event loop, so an unchanged set is not redone.
+    others = tuple(sorted((r for r in model.all_rules() if r.name != spec.name), key=lambda r: r.name))
+    cached = model.acceptance_cache.get(spec.name)
+    if cached is not None and cached[0] == spec and cached[1] == others:
+        return cached[2]
+    findings = validate_rule_in_set(spec, list(others))
+    acceptance = Acceptance(
+        not findings, admission_message(findings) if findings else "passed the rules validator"
+    )
+    model.acceptance_cache[spec.name] = (spec, others, acceptance)
+    return acceptance
 
 
 def config_acceptance(spec: FalcoConfigSpec) -> Acceptance:

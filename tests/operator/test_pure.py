@@ -252,3 +252,34 @@ def test_admission_validates_ties_in_the_order_falco_loads_them() -> None:
     # Falco loads 50-shell-extra.yaml before 50-shell.yaml: the override comes first and fails.
     findings = validate_rule_in_set(extension, [base])
     assert findings and "override" in findings[0].message
+
+
+def test_rule_acceptance_is_not_recomputed_for_unchanged_sets(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every event re-validates, including the operator's own status patches echoing back; a large
+    # rules string takes most of a second to validate, on the event loop.
+    from falco_api.discovery import SidecarDirectory as Directory
+    from falco_api_operator import handlers
+    from falco_api_operator.cluster import ClusterModel, TrackedObject
+
+    calls: list[str] = []
+    real = handlers.validate_rule_in_set
+
+    def counting(candidate: FalcoRuleSpec, others: Any) -> Any:
+        calls.append(candidate.name)
+        return real(candidate, others)
+
+    monkeypatch.setattr(handlers, "validate_rule_in_set", counting)
+
+    async def no_io(*_: Any) -> None:
+        return None
+
+    model = ClusterModel(Directory(), None, no_io, no_io)  # type: ignore[arg-type]
+    a, b = rule("a"), rule("b")
+    model.objects[("falcorules", "b")] = TrackedObject(b, Acceptance(True), {})
+    assert handlers.rule_acceptance(a, model).accepted
+    assert handlers.rule_acceptance(a, model).accepted
+    assert calls == ["a"]
+    model.objects[("falcorules", "b")] = TrackedObject(rule("b", 60), Acceptance(True), {})
+    assert handlers.rule_acceptance(a, model).accepted
+    assert handlers.rule_acceptance(rule("a", 40), model).accepted
+    assert calls == ["a", "a", "a"]
