@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from falco_api.backoff import backoff_delay
 from falco_api.discovery import SidecarDirectory
 
 from .desired import CONFIGS_PLURAL, RULES_PLURAL, DesiredState, FalcoConfigSpec, FalcoRuleSpec, desired_state
@@ -29,6 +30,8 @@ from .status import (
 )
 
 log = logging.getLogger(__name__)
+
+STATUS_RETRY_MAX = 60.0
 
 ResourceKey = tuple[str, str]  # (plural, name)
 PatchStatus = Callable[[str, str, dict[str, Any]], Awaitable[None]]
@@ -72,6 +75,9 @@ class ClusterModel:
         self._dirty_event = asyncio.Event()
         self._reconcile_lock = asyncio.Lock()
         self._writer: asyncio.Task[None] | None = None
+        # Status writes that failed: how often in a row, and the timer of the next try.
+        self._failures: dict[ResourceKey, int] = {}
+        self._retries: dict[ResourceKey, asyncio.TimerHandle] = {}
         # The start-up gate. kopf's index handlers fill ``listed`` while it lists each kind, and kopf
         # runs no event handler before every list is in; event handlers fill ``seen``. Until every
         # listed object went through its handler, a push would be a partial state: Falco on every
@@ -131,6 +137,7 @@ class ClusterModel:
         if plural == RULES_PLURAL:
             self.acceptance_cache.pop(name, None)
         self._dirty.discard((plural, name))
+        self._failures.pop((plural, name), None)
         await self.reconcile()
 
     async def set_node(self, name: str, labels: Mapping[str, str] | None) -> None:
@@ -231,6 +238,9 @@ class ClusterModel:
         self._writer = asyncio.create_task(self._write_forever(), name="falco-api-status-writer")
 
     async def close(self) -> None:
+        for handle in self._retries.values():
+            handle.cancel()
+        self._retries.clear()
         if self._writer is not None:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -244,12 +254,31 @@ class ClusterModel:
             self._dirty_event.clear()
             dirty, self._dirty = self._dirty, set()
             for key in sorted(dirty):
+                if key in self._retries:
+                    continue  # a failed write waits for its retry, whatever else changed
                 try:
                     await self.flush(*key)
-                except Exception:  # one object's failed write must not stop the writer for the others
-                    log.exception("writing status of %s/%s failed; will retry", *key)
-                    self._dirty.add(key)
-                    self._dirty_event.set()
+                except Exception as error:  # one object's failed write must not stop the writer
+                    failures = self._failures[key] = self._failures.get(key, 0) + 1
+                    delay = backoff_delay(
+                        failures - 1, initial=max(0.5, self.debounce_seconds), maximum=STATUS_RETRY_MAX
+                    )
+                    log.warning(
+                        "writing status of %s/%s failed %d time(s), next try in %.1f s: %s",
+                        *key,
+                        failures,
+                        delay,
+                        error,
+                    )
+                    self._retries[key] = asyncio.get_running_loop().call_later(delay, self._retry, key)
+                else:
+                    self._failures.pop(key, None)
+
+    def _retry(self, key: ResourceKey) -> None:
+        self._retries.pop(key, None)
+        if key in self.objects:
+            self._dirty.add(key)
+            self._dirty_event.set()
 
     async def flush(self, plural: str, name: str) -> bool:
         tracked = self.objects.get((plural, name))

@@ -283,3 +283,30 @@ def test_rule_acceptance_is_not_recomputed_for_unchanged_sets(monkeypatch: pytes
     assert handlers.rule_acceptance(a, model).accepted
     assert handlers.rule_acceptance(rule("a", 40), model).accepted
     assert calls == ["a", "a", "a"]
+
+
+async def test_a_status_write_that_keeps_failing_is_retried_with_backoff() -> None:
+    # A refused write (RBAC, a webhook, an API outage) was retried every debounce, forever.
+    import asyncio
+
+    from falco_api.discovery import SidecarDirectory as Directory
+    from falco_api_operator.cluster import ClusterModel, TrackedObject
+
+    attempts: list[float] = []
+
+    async def refused(*_: Any) -> None:
+        attempts.append(asyncio.get_running_loop().time())
+        raise RuntimeError("PATCH .../status: HTTP 403: forbidden")
+
+    async def no_event(*_: Any) -> None:
+        return None
+
+    model = ClusterModel(Directory(), None, refused, no_event, debounce_seconds=0.02)  # type: ignore[arg-type]
+    model.objects[("falcorules", "r1")] = TrackedObject(rule("r1"), Acceptance(True), {})
+    model.start()
+    model.mark_all_dirty()
+    await asyncio.sleep(1.2)
+    model.mark_all_dirty()  # other objects' changes do not cut a failing write's wait short
+    await asyncio.sleep(0.3)
+    await model.close()
+    assert 2 <= len(attempts) <= 4, len(attempts)
