@@ -130,6 +130,7 @@ class Runtime:
         self.config = config
         self.connection: kopf.ConnectionInfo | None = config.connection
         self._status_client: StatusClient | None = None
+        self._status_client_login: kopf.ConnectionInfo | None = None
         self.directory = SidecarDirectory(config.sidecar_port_name)
         push_settings = PushSettings(**{**config.push.__dict__, "resync_seconds": config.resync_seconds})
 
@@ -150,20 +151,24 @@ class Runtime:
     def _on_outcome(self, *args: Any) -> None:
         self.model.on_outcome(*args)
 
-    def _client(self) -> StatusClient:
-        if self._status_client is None:
-            if self.connection is None:
-                raise RuntimeError("not logged in to the Kubernetes API yet")
+    async def status_client(self) -> StatusClient:
+        """A client on kopf's current credentials: kopf logs in again when a token is refused."""
+        if self.connection is None:
+            raise RuntimeError("not logged in to the Kubernetes API yet")
+        if self._status_client is None or self._status_client_login is not self.connection:
+            if self._status_client is not None:
+                await self._status_client.close()
             self._status_client = StatusClient(self.connection)
+            self._status_client_login = self.connection
         return self._status_client
 
     async def _patch_status(self, plural: str, name: str, status: dict[str, Any]) -> None:
-        await self._client().patch_status(plural, name, status)
+        await (await self.status_client()).patch_status(plural, name, status)
 
     async def _post_event(self, reference: Mapping[str, Any], reason: str, message: str) -> None:
         # Posted through the API directly: kopf.warn/info only work inside kopf's handler
         # context, and this runs in the status writer's own task.
-        await self._client().post_event(
+        await (await self.status_client()).post_event(
             self.config.namespace, reference, reason, message, warning=reason != "Recovered"
         )
 

@@ -52,8 +52,9 @@ class StatusClient:
     def __init__(self, info: kopf.ConnectionInfo, timeout: float = 10.0) -> None:
         self._info = info
         headers = {"Content-Type": "application/merge-patch+json"}
-        if info.token:
-            headers["Authorization"] = f"{info.scheme or 'Bearer'} {info.token}"
+        self.authorization = f"{info.scheme or 'Bearer'} {info.token}" if info.token else None
+        if self.authorization:
+            headers["Authorization"] = self.authorization
         auth = aiohttp.BasicAuth(info.username, info.password or "") if info.username else None
         self._session = aiohttp.ClientSession(
             base_url=info.server.rstrip("/") + "/",

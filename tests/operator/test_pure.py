@@ -310,3 +310,23 @@ async def test_a_status_write_that_keeps_failing_is_retried_with_backoff() -> No
     await asyncio.sleep(0.3)
     await model.close()
     assert 2 <= len(attempts) <= 4, len(attempts)
+
+
+async def test_status_writes_follow_kopfs_renewed_credentials() -> None:
+    # kopf logs in again when its token is refused (a rotated service account token); the status
+    # client kept the first token and every later status write failed with 401.
+    import kopf
+
+    from falco_api_operator.handlers import OperatorConfig, Runtime
+
+    first = kopf.ConnectionInfo(server="https://127.0.0.1:1", token="first-token", insecure=True)
+    runtime = Runtime(OperatorConfig(insecure=True, connection=first))
+    try:
+        before = await runtime.status_client()
+        runtime.connection = kopf.ConnectionInfo(server="https://127.0.0.1:1", token="renewed", insecure=True)
+        after = await runtime.status_client()
+        assert after is not before
+        assert after.authorization == "Bearer renewed"
+        assert await runtime.status_client() is after
+    finally:
+        await runtime.close()
