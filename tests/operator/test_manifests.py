@@ -77,3 +77,25 @@ def test_rbac_grants_no_wildcards_and_no_writes_to_nodes_or_pods() -> None:
             assert "*" not in rule["verbs"] and "*" not in rule["resources"]
             if set(rule["resources"]) & {"nodes", "pods"}:
                 assert set(rule["verbs"]) <= {"get", "list", "watch"}
+
+
+@pytest.mark.parametrize("kind", ["FalcoRule", "FalcoConfig"])
+def test_every_name_the_crd_admits_is_a_name_the_sidecar_accepts(kind: str) -> None:
+    # The object's name becomes the sidecar's ruleset/drop-in name (a file name part, at most
+    # 63 of [A-Za-z0-9._-]); Kubernetes alone would allow 253-character DNS subdomains.
+    from falco_api_sidecar.managed import InvalidRequestError, check_name
+
+    schema = to_json_schema(crd_schema(kind))
+    spec = {"rules": "- list: l\n  items: []\n"} if kind == "FalcoRule" else {"config": {"a": 1}}
+
+    def admitted(name: str) -> bool:
+        obj = {"apiVersion": "falcoapi.io/v1alpha1", "kind": kind, "metadata": {"name": name}, "spec": spec}
+        return not list(jsonschema.Draft7Validator(schema).iter_errors(obj))
+
+    for name in ("a", "0", "a-b", "x" * 63, "a" + "-9" * 31):
+        assert admitted(name), name
+        assert check_name(name) == name
+    for name in ("x" * 64, "a" * 100, "a" * 253, "a.b", "-a", "a-", "A", "a_b", ""):
+        assert not admitted(name), name
+    with pytest.raises(InvalidRequestError):
+        check_name("a" * 64)
