@@ -89,6 +89,9 @@ class ClusterModel:
         self._primed = False
         # name -> (spec, the other rules, acceptance): see handlers.rule_acceptance.
         self.acceptance_cache: dict[str, tuple[FalcoRuleSpec, tuple[FalcoRuleSpec, ...], Acceptance]] = {}
+        # Re-judges a rule against the current set (set by the handlers). A rule can lose what it
+        # builds on (another rule deleted, disabled, re-ordered) without an event of its own.
+        self.accept_rule: Callable[[FalcoRuleSpec], Acceptance] | None = None
 
     # --- inputs -------------------------------------------------------------------------------
 
@@ -130,15 +133,31 @@ class ClusterModel:
         previous = self.objects.get(key)
         last = previous.last_status if previous else (dict(current_status) if current_status else None)
         self.objects[key] = TrackedObject(spec, acceptance, reference, last)
+        if plural == RULES_PLURAL and (previous is None or previous.spec != spec):
+            self.rejudge_rules(except_name=spec.name)
         await self.reconcile()
 
     async def forget(self, plural: str, name: str) -> None:
         self.objects.pop((plural, name), None)
         if plural == RULES_PLURAL:
             self.acceptance_cache.pop(name, None)
+            self.rejudge_rules(except_name=name)
         self._dirty.discard((plural, name))
         self._failures.pop((plural, name), None)
         await self.reconcile()
+
+    def rejudge_rules(self, *, except_name: str) -> None:
+        """Judge every other enabled rule again: one that lost its macros or its override target is
+        no longer Accepted (so it is not pushed, and says why) rather than making every node refuse
+        the whole set."""
+        if self.accept_rule is None:
+            return
+        for (plural, name), tracked in self.objects.items():
+            if plural != RULES_PLURAL or name == except_name:
+                continue
+            spec = tracked.spec
+            if isinstance(spec, FalcoRuleSpec) and spec.enabled:
+                tracked.acceptance = self.accept_rule(spec)
 
     async def set_node(self, name: str, labels: Mapping[str, str] | None) -> None:
         if labels is None:

@@ -204,6 +204,7 @@ def config_acceptance(spec: FalcoConfigSpec) -> Acceptance:
 def register(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
     config = runtime.config
     model = runtime.model
+    model.accept_rule = lambda spec: rule_acceptance(spec, model)
 
     @kopf.on.login(registry=registry)  # type: ignore[untyped-decorator]
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:

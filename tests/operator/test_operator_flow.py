@@ -245,3 +245,32 @@ async def test_deleted_rule_is_removed_from_every_sidecar(
         return False
 
     await eventually(gone)
+
+
+async def test_a_rule_that_loses_its_macro_stops_being_accepted_instead_of_breaking_every_node(
+    kube: Kube, sidecar_factory: SidecarFactory, start_operator: OperatorStarter
+) -> None:
+    sidecar = await sidecar_factory("node-0")
+    await kube.add_node(sidecar.node)
+    await kube.add_falco_pod(sidecar.node, sidecar.port)
+    await start_operator()
+    await kube.apply_rule("macros", "- macro: e2e_shell\n  condition: proc.name = bash\n", order=5)
+    await kube.apply_rule("user", RULE.replace("proc.name = bash", "e2e_shell"), order=10)
+    await kube.apply_rule("other", RULE.replace("Shell in", "Other shell in"), order=20)
+    await eventually(lambda: sidecar.in_force("macros", "user", "other"))
+
+    await kube.delete("/apis/falcoapi.io/v1alpha1/falcorules/macros")
+
+    async def user_rejected() -> bool:
+        return condition(await kube.rule("user"), "Accepted").get("status") == "False"
+
+    await eventually(user_rejected)
+    assert "e2e_shell" in condition(await kube.rule("user"), "Accepted")["message"]
+    # The rest of the set still loads: the broken rule is left out rather than pushed.
+    await eventually(lambda: sidecar.in_force("other"))
+    assert sidecar.ruleset_names == ["other"]
+
+    async def other_ready() -> bool:
+        return condition(await kube.rule("other"), "Ready").get("status") == "True"
+
+    await eventually(other_ready)
