@@ -187,6 +187,9 @@ class NodePusher:
         except (OSError, ValueError) as error:
             log.warning("push to %s (%s) failed: %s", node, self.sidecar.address, error)
             return NodeOutcome(node, NodeState.FAILED, f"sidecar unreachable: {error}")
+        except Exception as error:  # a bug must show in status and be retried, not end this pusher
+            log.exception("push to %s (%s) failed unexpectedly", node, self.sidecar.address)
+            return NodeOutcome(node, NodeState.FAILED, f"push failed: {type(error).__name__}: {error}")
         outcome = outcome_from_response(node, response)
         reported = response.result.state_sha256
         if outcome.state is NodeState.LOADED and reported and reported != desired.sha256:
