@@ -6,6 +6,7 @@ installed, e.g. by the Helm chart. Set FALCO_API_NAMESPACE (default falco) if Fa
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import ssl
@@ -45,6 +46,19 @@ class Cluster:
         status, data = await self.request(method, path, body, content_type)
         assert status < 400, f"{method} {path}: {status} {data}"
         return data
+
+    async def watch(self, path: str, resource_version: str, seconds: float) -> list[dict[str, Any]]:
+        """The watch events of ``path`` after ``resource_version``, for ``seconds``."""
+        events: list[dict[str, Any]] = []
+        url = f"{self.info.server.rstrip('/')}{path}"
+        params = {"watch": "1", "resourceVersion": resource_version, "timeoutSeconds": str(int(seconds))}
+        timeout = aiohttp.ClientTimeout(total=seconds + 10)
+        async with self.session.get(url, params=params, timeout=timeout) as response:
+            assert response.status == 200, await response.text()
+            async for line in response.content:
+                if line.strip():
+                    events.append(json.loads(line))
+        return events
 
 
 # tests/conftest.py removes KUBECONFIG from the environment at import (so that unit tests never
