@@ -193,8 +193,10 @@ class SubscriberReport:
 
 
 def _missed_in(payload: bytes) -> int:
+    """The loss a gap notice reports. falco.api.streaming/outputs reports each loss twice, as a
+    gap notice and as missed_before on the next alert: only the notice is counted."""
     response = outputs_pb2.response.FromString(payload)
-    return int(response.gap.missed) if response.HasField("gap") else int(response.missed_before)
+    return int(response.gap.missed) if response.HasField("gap") else 0
 
 
 async def _subscribe_all(spec: SubscriberSpec, control: multiprocessing.connection.Connection) -> None:
