@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from .chart import CORPUS_DIR, NAMESPACE, Rendered, container, falco_yaml, flag, render
+from .chart import NAMESPACE, Rendered, container, falco_yaml, flag, render
 
 SIDECAR_TLS = ("/etc/falco-api/tls/tls.crt", "/etc/falco-api/tls/tls.key", "/etc/falco-api/tls/ca.crt")
 
@@ -290,11 +290,12 @@ def test_k8saudit_plugin_listens_where_the_sidecar_forwards() -> None:
     ids=["defaults", "kmod-k8saudit"],
 )
 def test_falco_yaml_matches_falcos_own_config_schema(values: dict[str, Any]) -> None:
-    jsonschema = pytest.importorskip("jsonschema")
-    schema_path = CORPUS_DIR / "falco-config.schema.json"
-    if not schema_path.exists():
-        pytest.skip(f"Falco's config schema is not at {schema_path} (shared/corpus is beside the checkout)")
-    schema = json.loads(Path(schema_path).read_text())
+    from importlib import resources
+
+    import jsonschema
+
+    # The copy of Falco's own schema that the sidecar validates drop-ins with (core/falco_api/schemas).
+    schema = json.loads(resources.files("falco_api.schemas").joinpath("falco-config.schema.json").read_text())
     jsonschema.validate(falco_yaml(render(values)), schema)
 
 
