@@ -253,14 +253,12 @@ async def test_a_subscriber_that_stopped_reading_never_holds_ingest_up(
     assert stalled.depth == 2000 and stalled.total_missed == 1000
 
 
-# --- wired into the sidecar (once --line-ingest is in main.py: bench/patches/main-line-ingest.diff) --
+# --- wired into the sidecar: --line-ingest ---------------------------------------------------------
 
 
 async def test_sidecar_flag_starts_line_ingest_and_stops_it(socket_dir: Path) -> None:
     from falco_api_sidecar import main as sidecar_main
 
-    if not hasattr(sidecar_main.SidecarConfig, "line_ingest"):
-        pytest.skip("--line-ingest is not wired into the sidecar yet")
     address = f"unix://{socket_dir}/alerts.sock"
     flags = {
         "--grpc-listen": f"unix://{socket_dir}/api.sock",
