@@ -63,3 +63,14 @@ def test_streams_publish_drop_reports_and_rejections() -> None:
     kinds = [e.item.kind for e in streams.drops._ring]
     assert kinds == [drops_pb2.DROP_KIND_SYSCALL_EVENT, drops_pb2.DROP_KIND_INGEST_REJECTED]
     assert streams.alerts.stats.published == 1
+
+
+def test_the_replay_buffer_keeps_bytes_not_field_values() -> None:
+    from falco_api.contract.falco import outputs_pb2
+
+    streams = EventStreams(origin="o", hostname="h", replay_size=10, queue_size=10)
+    raw = rule_alert("h", index=0)
+    streams.ingest(alert(raw))
+    entry = streams.alerts._ring[0]
+    assert entry.item.output_fields == {} and entry.item.rule == raw["rule"]
+    assert outputs_pb2.response.FromString(entry.payload).output_fields["proc.name"] == "bash"

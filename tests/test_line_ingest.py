@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from falco_api.alerts import Alert
+from falco_api.contract.falco import outputs_pb2
 from falco_api.hub import Subscription
 from falco_api.streams import EventStreams
 from falco_api.testing.falco_double import rule_alert
@@ -106,12 +107,13 @@ async def until(check: object, within: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
-async def drain(subscription: Subscription[Alert], count: int) -> list[Alert]:
+async def drain(subscription: Subscription[Alert], count: int) -> list[outputs_pb2.response]:
+    """What subscribers receive: the published bytes, decoded."""
     got = []
     for _ in range(count):
         delivery = await asyncio.wait_for(subscription.next(), 5)
         assert delivery is not None and delivery.entry is not None
-        got.append(delivery.entry.item)
+        got.append(outputs_pb2.response.FromString(delivery.entry.payload))
     return got
 
 

@@ -11,7 +11,7 @@ import json
 import re
 import struct
 from calendar import timegm
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from google.protobuf import struct_pb2
@@ -225,7 +225,7 @@ _MISSING: Any = object()
 
 @dataclass(slots=True)
 class Alert:
-    """One Falco alert, validated. ``raw`` keeps the original JSON object."""
+    """One Falco alert, validated."""
 
     seconds: int
     nanos: int
@@ -237,7 +237,14 @@ class Alert:
     message: str = ""
     tags: tuple[str, ...] = ()
     output_fields: dict[str, Any] = field(default_factory=dict)
-    raw: dict[str, Any] = field(default_factory=dict)
+
+    def without_fields(self) -> Alert:
+        """What the replay buffer keeps once the alert is serialised: what filters read, no field values.
+
+        Thousands of buffered alerts with their nested field values would be walked by every full
+        garbage collection; the serialised bytes already hold them.
+        """
+        return replace(self, output_fields={})
 
     @property
     def is_internal(self) -> bool:
@@ -367,7 +374,6 @@ def alert_from_object(data: Any) -> Alert:
         message=_require_str(data, "message", optional=True),
         tags=tuple(tags),
         output_fields=output_fields,
-        raw=data,
     )
 
 

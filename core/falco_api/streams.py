@@ -50,7 +50,7 @@ class EventStreams:
         """Number, serialise and publish one alert; publish the drop report it implies."""
         seq = self._alert_seq.next()
         payload = alert.to_payload(seq=seq, origin=self.origin)
-        entry = Entry(seq, self.origin, alert, payload)
+        entry = Entry(seq, self.origin, alert.without_fields(), payload)
         self.alerts.publish(entry)
         report = self._interpreter.interpret(alert)
         if report is not None:
