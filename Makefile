@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 
 BUF := tools/buf/node_modules/.bin/buf
 
-.PHONY: run test lint lint-proto typecheck unit proto clean
+.PHONY: run test lint lint-proto typecheck unit proto bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,15 @@ unit: $(STAMP) $(BUF)
 	$(BIN)/python tools/pytest_strict.py
 
 test: lint lint-proto typecheck unit
+
+# Benchmarks (not part of `make test`): see bench/README.md. wrk comes from Debian's packages.
+bench: $(STAMP)
+	command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
+	$(BIN)/python -m bench.throughput
+	$(BIN)/python -m bench.latency
+	$(BIN)/python -m bench.stalled
+	$(BIN)/python -m bench.propagation
+	$(BIN)/python -m bench.validation
 
 proto: $(STAMP)
 	$(BIN)/python tools/gen_proto.py
