@@ -29,6 +29,8 @@ GOOD = rule_alert("node-a", index=0)
         ),
         (json.dumps(GOOD).encode(), "text/html", 415, "bad_content_type"),
         (b"{" + b" " * (2 * 1024 * 1024) + b"}", "application/json", 413, "too_large"),
+        # A lone UTF-16 surrogate parses as JSON but cannot be encoded: refused before it is numbered.
+        (json.dumps(GOOD | {"output": "\ud800"}).encode(), "application/json", 400, "bad_json"),
     ],
 )
 async def test_malformed_posts_get_4xx_and_are_counted(
