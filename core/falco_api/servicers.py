@@ -278,10 +278,14 @@ def streaming_handlers(
     ]
 
 
-def legacy_version_handlers(servicer: VersionServicer) -> list[grpc.GenericRpcHandler[Any, Any]]:
+def version_handlers(
+    servicer: VersionServicer, service: str = LEGACY_VERSION_SERVICE
+) -> list[grpc.GenericRpcHandler[Any, Any]]:
+    """The `version` call under ``service``: falco.version.service, or falco.api.unary alone (a server
+    without rules and configs, such as the relay, whose other unary calls answer UNIMPLEMENTED)."""
     return [
         grpc.method_handlers_generic_handler(
-            LEGACY_VERSION_SERVICE,
+            service,
             {
                 "version": grpc.unary_unary_rpc_method_handler(
                     servicer.version,

@@ -13,8 +13,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
-
 from falco_api import __version__
 from falco_api.contract.falco import version_pb2
 from falco_api.discovery import (
@@ -34,9 +32,9 @@ from falco_api.servicers import (
     DropsServicer,
     OutputsServicer,
     VersionServicer,
-    legacy_version_handlers,
     outputs_handlers,
     streaming_handlers,
+    version_handlers,
 )
 from falco_api.tls import TlsConfigError, TlsFiles, check_transport, is_unix
 from falco_api_relay.kube import DiscoveryError, KopfPodWatch
@@ -91,22 +89,6 @@ class RelayConfig:
             parse_equality_selector(self.sidecar_selector)
 
 
-def unary_version_handlers(servicer: VersionServicer) -> list[grpc.GenericRpcHandler[Any, Any]]:
-    """falco.api.unary/version only: the relay has no rules or configs of its own (UNIMPLEMENTED)."""
-    return [
-        grpc.method_handlers_generic_handler(
-            UNARY_SERVICE,
-            {
-                "version": grpc.unary_unary_rpc_method_handler(
-                    servicer.version,
-                    request_deserializer=version_pb2.request.FromString,
-                    response_serializer=version_pb2.response.SerializeToString,
-                )
-            },
-        )
-    ]
-
-
 class Relay:
     """Every part of the relay, started and stopped together (also used in-process by tests)."""
 
@@ -145,8 +127,8 @@ class Relay:
             handlers=[
                 *outputs_handlers(outputs),
                 *streaming_handlers(outputs, drops),
-                *legacy_version_handlers(version),
-                *unary_version_handlers(version),
+                *version_handlers(version),
+                *version_handlers(version, UNARY_SERVICE),
             ],
             service_names=[LEGACY_OUTPUTS_SERVICE, LEGACY_VERSION_SERVICE, STREAMING_SERVICE, UNARY_SERVICE],
         )

@@ -32,9 +32,9 @@ from falco_api.servicers import (
     OutputsServicer,
     Unavailable,
     VersionServicer,
-    legacy_version_handlers,
     outputs_handlers,
     streaming_handlers,
+    version_handlers,
 )
 from falco_api.streams import DEFAULT_QUEUE_SIZE, DEFAULT_REPLAY_SIZE, EventStreams
 from falco_api.tls import TlsConfigError, TlsFiles, check_transport
@@ -169,7 +169,7 @@ class Sidecar:
             handlers=[
                 *outputs_handlers(outputs),
                 *streaming_handlers(outputs, drops),
-                *legacy_version_handlers(version),
+                *version_handlers(version),
                 *inputs_handlers(self.inputs),
             ],
             interceptors=[self.authz],
