@@ -39,6 +39,20 @@ def test_examples_validate_against_the_crd_schemas(path: Path) -> None:
     jsonschema.validate(obj, to_json_schema(crd_schema(obj["kind"])))
 
 
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_examples_pass_admission(path: Path) -> None:
+    """Every example would get past the webhook: the project's rules or config validator accepts it."""
+    from falco_api_operator.desired import FalcoConfigSpec, FalcoRuleSpec
+    from falco_api_operator.validation import validate_config, validate_rule_in_set
+
+    obj = yaml.safe_load(path.read_text())
+    if obj["kind"] == "FalcoRule":
+        findings = validate_rule_in_set(FalcoRuleSpec.from_object(obj), [])
+    else:
+        findings = validate_config(FalcoConfigSpec.from_object(obj))
+    assert findings == []
+
+
 @pytest.mark.parametrize(
     "spec_change",
     [
