@@ -161,3 +161,21 @@ async def test_webhook_at_a_given_url_advertises_that_url(
         f"https://127.0.0.1:{port}/validate-falcoconfig",
         f"https://127.0.0.1:{port}/validate-falcorule",
     ]
+
+
+def test_config_admission_refuses_the_keys_the_sidecar_depends_on() -> None:
+    from falco_api_operator.desired import FalcoConfigSpec
+    from falco_api_operator.validation import validate_config
+
+    def findings(config: dict[str, object]) -> list[str]:
+        spec = FalcoConfigSpec.from_object(
+            {"metadata": {"name": "c"}, "spec": {"order": 1, "config": config}}
+        )
+        return [str(f) for f in validate_config(spec)]
+
+    assert findings({"priority": "notice", "buffered_outputs": False}) == []
+    for key, value in (("json_output", False), ("http_output", {"enabled": False}), ("rules_files", [])):
+        (message,) = findings({key: value})
+        assert key in message and "falco-api sidecar" in message
+    (typo,) = findings({"buffered_outputs": "sometimes"})
+    assert "buffered_outputs" in typo
