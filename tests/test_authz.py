@@ -611,3 +611,18 @@ def test_sidecar_flag_builds_the_interceptor(tmp_path: Path, pki: Pki) -> None:
     path.write_text("roles:\n  superuser: [me]\n")
     with pytest.raises(AuthzConfigError, match="unknown role 'superuser'"):
         authz_interceptor(str(path), "unix:///run/falco-api/falco-api.sock", None)
+
+
+def test_every_method_of_the_contract_has_a_role() -> None:
+    """A call added to proto/ without a role would be denied to everyone over TCP."""
+    from falco_api.contract.falco import outputs_pb2, version_pb2
+    from falco_api.contract.falco.api import bidirectional_pb2, streaming_pb2, unary_pb2
+    from falco_api_sidecar.authz import METHOD_ROLES
+
+    methods = {
+        f"/{service.full_name}/{method.name}"
+        for module in (outputs_pb2, version_pb2, unary_pb2, streaming_pb2, bidirectional_pb2)
+        for service in module.DESCRIPTOR.services_by_name.values()
+        for method in service.methods
+    }
+    assert methods - set(METHOD_ROLES) == set()

@@ -252,3 +252,35 @@ async def test_bad_filter_is_invalid_argument(sidecar: RunningSidecar) -> None:
             [r async for r in stub.outputs(outputs_pb2.request(rules=[""]))]
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "rule pattern" in (caught.value.details() or "")
+
+
+async def test_batched_stream_carries_the_same_alerts_and_losses(sidecar: RunningSidecar) -> None:
+    from falco_api.contract.falco.api import batch_pb2
+
+    streams = sidecar.sidecar.streams
+    for index in range(5):
+        streams.ingest(parse_alert(json.dumps(rule_alert("node-a", index=index))))
+    async with grpc.aio.insecure_channel(sidecar.grpc_target) as channel:
+        stub = streaming_pb2_grpc.streamingStub(channel)
+        snapshot = [batch async for batch in stub.outputs_batched(outputs_pb2.request())]
+        assert isinstance(snapshot[0], batch_pb2.OutputsBatch)
+        assert [r.seq for b in snapshot for r in b.responses] == [1, 2, 3, 4, 5]
+        assert len(snapshot) < 5  # what was ready went out together
+
+        # A subscriber that cannot keep up gets every alert or a loss notice, batched.
+        follow = stub.outputs_batched(outputs_pb2.request(follow=True))
+        await wait_subscribers(sidecar, 1)
+        total = streams.alerts.queue_size * 3
+        for index in range(total):
+            streams.ingest(parse_alert(json.dumps(rule_alert("node-a", index=index))))
+        received, lost = 0, 0
+        async for batch in follow:
+            for response in batch.responses:
+                if response.HasField("gap"):
+                    lost += response.gap.missed
+                else:
+                    received += 1
+            if received + lost == total:
+                break
+        assert lost > 0 and received + lost == total
+        follow.cancel()

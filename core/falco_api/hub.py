@@ -161,6 +161,24 @@ class Subscription(Generic[T]):
             self._wake.clear()
             await self._wake.wait()
 
+    def ready(self, limit: int) -> list[Delivery[T]]:
+        """Up to ``limit`` further deliveries that are available now, without waiting (for batching)."""
+        out: list[Delivery[T]] = []
+        while len(out) < limit:
+            if self._replay:
+                out.append(self._replay.popleft())
+            elif self._queue:
+                delivery = self._queue.popleft()
+                self._hub._delivered(self, delivery)
+                out.append(delivery)
+            elif self._pending_gap is not None and self.report_idle_gaps:
+                gap, self._pending_gap = self._pending_gap, None
+                self._hub._delivered(self, Delivery(None, gap))
+                out.append(Delivery(None, gap))
+            else:
+                break
+        return out
+
     def close(self) -> None:
         """End the subscription once what is queued has been read."""
         self.closed = True

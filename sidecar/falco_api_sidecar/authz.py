@@ -61,6 +61,7 @@ _READ_METHODS = (
     "/falco.outputs.service/get",
     "/falco.version.service/version",
     "/falco.api.streaming/outputs",
+    "/falco.api.streaming/outputs_batched",
     "/falco.api.streaming/drops",
     "/falco.api.unary/version",
     "/falco.api.unary/list_rules",

@@ -23,10 +23,11 @@ _sym_db = _symbol_database.Default()
 
 
 from falco_api.contract.falco import outputs_pb2 as falco_dot_outputs__pb2
+from falco_api.contract.falco.api import batch_pb2 as falco_dot_api_dot_batch__pb2
 from falco_api.contract.falco.api import drops_pb2 as falco_dot_api_dot_drops__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66\x61lco/api/streaming.proto\x12\tfalco.api\x1a\x13\x66\x61lco/outputs.proto\x1a\x15\x66\x61lco/api/drops.proto2\x84\x01\n\tstreaming\x12<\n\x07outputs\x12\x16.falco.outputs.request\x1a\x17.falco.outputs.response0\x01\x12\x39\n\x05\x64rops\x12\x17.falco.api.DropsRequest\x1a\x15.falco.api.DropReport0\x01\x42(Z&github.com/falco-api/falco-api/pkg/apib\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66\x61lco/api/streaming.proto\x12\tfalco.api\x1a\x13\x66\x61lco/outputs.proto\x1a\x15\x66\x61lco/api/batch.proto\x1a\x15\x66\x61lco/api/drops.proto2\xca\x01\n\tstreaming\x12<\n\x07outputs\x12\x16.falco.outputs.request\x1a\x17.falco.outputs.response0\x01\x12\x44\n\x0foutputs_batched\x12\x16.falco.outputs.request\x1a\x17.falco.api.OutputsBatch0\x01\x12\x39\n\x05\x64rops\x12\x17.falco.api.DropsRequest\x1a\x15.falco.api.DropReport0\x01\x42(Z&github.com/falco-api/falco-api/pkg/apib\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,6 +35,6 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'falco_api.contract.falco.ap
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z&github.com/falco-api/falco-api/pkg/api'
-  _globals['_STREAMING']._serialized_start=85
-  _globals['_STREAMING']._serialized_end=217
+  _globals['_STREAMING']._serialized_start=108
+  _globals['_STREAMING']._serialized_end=310
 # @@protoc_insertion_point(module_scope)

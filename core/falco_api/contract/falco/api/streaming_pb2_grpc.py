@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from falco_api.contract.falco.api import batch_pb2 as falco_dot_api_dot_batch__pb2
 from falco_api.contract.falco.api import drops_pb2 as falco_dot_api_dot_drops__pb2
 from falco_api.contract.falco import outputs_pb2 as falco_dot_outputs__pb2
 
@@ -40,6 +41,11 @@ class streamingStub:
                 request_serializer=falco_dot_outputs__pb2.request.SerializeToString,
                 response_deserializer=falco_dot_outputs__pb2.response.FromString,
                 _registered_method=True)
+        self.outputs_batched = channel.unary_stream(
+                '/falco.api.streaming/outputs_batched',
+                request_serializer=falco_dot_outputs__pb2.request.SerializeToString,
+                response_deserializer=falco_dot_api_dot_batch__pb2.OutputsBatch.FromString,
+                _registered_method=True)
         self.drops = channel.unary_stream(
                 '/falco.api.streaming/drops',
                 request_serializer=falco_dot_api_dot_drops__pb2.DropsRequest.SerializeToString,
@@ -59,6 +65,14 @@ class streamingServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def outputs_batched(self, request, context):
+        """The same stream, batched: each message carries every alert ready at that moment (at most
+        1,000). For consumers of high alert rates.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def drops(self, request, context):
         """Drop reports (see DropReport).
         """
@@ -73,6 +87,11 @@ def add_streamingServicer_to_server(servicer, server):
                     servicer.outputs,
                     request_deserializer=falco_dot_outputs__pb2.request.FromString,
                     response_serializer=falco_dot_outputs__pb2.response.SerializeToString,
+            ),
+            'outputs_batched': grpc.unary_stream_rpc_method_handler(
+                    servicer.outputs_batched,
+                    request_deserializer=falco_dot_outputs__pb2.request.FromString,
+                    response_serializer=falco_dot_api_dot_batch__pb2.OutputsBatch.SerializeToString,
             ),
             'drops': grpc.unary_stream_rpc_method_handler(
                     servicer.drops,
@@ -107,6 +126,33 @@ class streaming:
             '/falco.api.streaming/outputs',
             falco_dot_outputs__pb2.request.SerializeToString,
             falco_dot_outputs__pb2.response.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def outputs_batched(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/falco.api.streaming/outputs_batched',
+            falco_dot_outputs__pb2.request.SerializeToString,
+            falco_dot_api_dot_batch__pb2.OutputsBatch.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,6 +5,7 @@ falco.api.streaming: every server-streaming call of the Falco API."""
 
 from collections import abc as _abc
 from falco_api.contract.falco import outputs_pb2 as _outputs_pb2
+from falco_api.contract.falco.api import batch_pb2 as _batch_pb2
 from falco_api.contract.falco.api import drops_pb2 as _drops_pb2
 from grpc import aio as _aio
 import abc as _abc_1
@@ -37,6 +38,10 @@ class streamingStub:
     alerts; without it, the buffered alerts are sent and the stream ends.
     Losses are reported in-band as responses whose `gap` is set.
     """
+    outputs_batched: _grpc.UnaryStreamMultiCallable[_outputs_pb2.request, _batch_pb2.OutputsBatch]
+    """The same stream, batched: each message carries every alert ready at that moment (at most
+    1,000). For consumers of high alert rates.
+    """
     drops: _grpc.UnaryStreamMultiCallable[_drops_pb2.DropsRequest, _drops_pb2.DropReport]
     """Drop reports (see DropReport)."""
 
@@ -47,6 +52,10 @@ class streamingAsyncStub(streamingStub):
     """Alerts, filtered server-side. With `follow` the stream stays open for new
     alerts; without it, the buffered alerts are sent and the stream ends.
     Losses are reported in-band as responses whose `gap` is set.
+    """
+    outputs_batched: _aio.UnaryStreamMultiCallable[_outputs_pb2.request, _batch_pb2.OutputsBatch]  # type: ignore[assignment]
+    """The same stream, batched: each message carries every alert ready at that moment (at most
+    1,000). For consumers of high alert rates.
     """
     drops: _aio.UnaryStreamMultiCallable[_drops_pb2.DropsRequest, _drops_pb2.DropReport]  # type: ignore[assignment]
     """Drop reports (see DropReport)."""
@@ -61,6 +70,16 @@ class streamingServicer(metaclass=_abc_1.ABCMeta):
         """Alerts, filtered server-side. With `follow` the stream stays open for new
         alerts; without it, the buffered alerts are sent and the stream ends.
         Losses are reported in-band as responses whose `gap` is set.
+        """
+
+    @_abc_1.abstractmethod
+    def outputs_batched(
+        self,
+        request: _outputs_pb2.request,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_batch_pb2.OutputsBatch], _abc.AsyncIterator[_batch_pb2.OutputsBatch]]:
+        """The same stream, batched: each message carries every alert ready at that moment (at most
+        1,000). For consumers of high alert rates.
         """
 
     @_abc_1.abstractmethod
