@@ -31,6 +31,7 @@ from falco_api.contract.falco import outputs_pb2
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 OUTPUTS_METHOD = "/falco.api.streaming/outputs"
+BATCHED_METHOD = "/falco.api.streaming/outputs_batched"
 FOLLOW_REQUEST = b"\x08\x01"  # outputs_pb2.request(follow=True)
 ALERT_FIRST_BYTE = 0x0A  # an alert response starts with its time (field 1); a gap response does not
 
@@ -180,6 +181,25 @@ class SubscriberSpec:
     record_ids: bool = False  # subscriber 0 records (bench id, receipt time) for latency
     stall_index: int = -1  # this subscriber stops reading for stall_seconds after its first alert
     stall_seconds: float = 0.0
+    batched: bool = False  # messages are OutputsBatch: responses framed as field 1
+
+
+def split_batch(message: bytes) -> list[bytes]:
+    """The responses of an OutputsBatch, without parsing them (field 1, length-delimited)."""
+    items, position, end = [], 0, len(message)
+    while position < end:
+        position += 1  # the tag byte of field 1
+        length = shift = 0
+        while True:
+            byte = message[position]
+            position += 1
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                break
+        items.append(message[position : position + length])
+        position += length
+    return items
 
 
 @dataclass
@@ -220,25 +240,26 @@ async def _subscribe_all(spec: SubscriberSpec, control: multiprocessing.connecti
         stall = index == spec.stall_index
         receipts = report.receipts
         count = 0
-        async for payload in stream(spec.request):
-            now = clock()
-            if payload[0] == ALERT_FIRST_BYTE:
-                count += 1
-                alerts[index] = count
-                last[index] = now
-                if count == 1:
-                    report.first_ns[index] = now
-                    if stall:
-                        await asyncio.sleep(spec.stall_seconds)
-                if record:
-                    match = ID_PATTERN.search(payload)
-                    if match:
-                        receipts.append((int(match.group(1)), now))
-            else:
-                report.gaps[index] += 1
-            if stall:
-                # Only the stalled subscriber pays for parsing: it is the one told about its loss.
-                report.missed_reported[index] += _missed_in(payload)
+        async for message in stream(spec.request):
+            for payload in split_batch(message) if spec.batched else (message,):
+                now = clock()
+                if payload[0] == ALERT_FIRST_BYTE:
+                    count += 1
+                    alerts[index] = count
+                    last[index] = now
+                    if count == 1:
+                        report.first_ns[index] = now
+                        if stall:
+                            await asyncio.sleep(spec.stall_seconds)
+                    if record:
+                        match = ID_PATTERN.search(payload)
+                        if match:
+                            receipts.append((int(match.group(1)), now))
+                else:
+                    report.gaps[index] += 1
+                if stall:
+                    # Only the stalled subscriber pays for parsing: it is the one told about its loss.
+                    report.missed_reported[index] += _missed_in(payload)
 
     tasks = [asyncio.create_task(one(i)) for i in range(spec.count)]
     loop = asyncio.get_running_loop()

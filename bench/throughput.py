@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from bench.harness import (
+    BATCHED_METHOD,
     LineWriter,
     ServerProcess,
     SubscriberReport,
@@ -48,9 +49,15 @@ def bare_http(seconds: float, connections: int) -> dict[str, Any]:
     return {"rate": result.rate, "requests": result.requests, "errors": result.errors + result.non_2xx}
 
 
-def ours_http(subscribers: int, seconds: float, connections: int) -> dict[str, Any]:
+def our_subscribers(target: str, count: int, batched: bool) -> SubscriberSpec:
+    if batched:
+        return SubscriberSpec(target, count, method=BATCHED_METHOD, batched=True)
+    return SubscriberSpec(target, count)
+
+
+def ours_http(subscribers: int, seconds: float, connections: int, batched: bool = False) -> dict[str, Any]:
     with ServerProcess("sidecar") as server:
-        subs = Subscribers(SubscriberSpec(server.info["grpc"], subscribers))
+        subs = Subscribers(our_subscribers(server.info["grpc"], subscribers, batched))
         try:
             wait_subscribed(server, subscribers)
             result = run_wrk(server.info["http_port"], seconds=seconds, connections=connections)
@@ -82,9 +89,9 @@ def bare_grpc(subscribers: int, messages: int) -> dict[str, Any]:
     return {"rate": _delivery_rate(report), "delivered_min": min(report.alerts)}
 
 
-def ours_line(subscribers: int, alerts: int) -> dict[str, Any]:
+def ours_line(subscribers: int, alerts: int, batched: bool = False) -> dict[str, Any]:
     with ServerProcess("sidecar") as server:
-        subs = Subscribers(SubscriberSpec(server.info["grpc"], subscribers))
+        subs = Subscribers(our_subscribers(server.info["grpc"], subscribers, batched))
         try:
             wait_subscribed(server, subscribers)
             writer = LineWriter(server.info["line"].removeprefix("unix://"), alerts)
@@ -114,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         "--line-alerts", type=int, default=60_000, help="alerts per line-ingest run, divided by subscribers"
     )
     parser.add_argument("--rounds", type=int, default=1, help="interleaved repetitions; medians reported")
+    parser.add_argument(
+        "--batched",
+        action="store_true",
+        help="our subscribers read falco.api.streaming/outputs_batched (results: throughput-batched.json)",
+    )
     args = parser.parse_args(argv)
     if not have_wrk():
         parser.error("wrk is not installed: apt-get install -y wrk")
@@ -129,11 +141,11 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             runs[n]["bare_http"].append(bare_http(args.seconds, args.connections))
-            ours = ours_http(n, args.seconds, args.connections)
+            ours = ours_http(n, args.seconds, args.connections, args.batched)
             runs[n]["ours_http"].append(ours)
             runs[n]["bare_grpc"].append(bare_grpc(n, max(ours["ingested"], 5000)))
             # Every subscriber gets every alert: keep the messages delivered per run bounded.
-            runs[n]["ours_line"].append(ours_line(n, max(5000, args.line_alerts // n)))
+            runs[n]["ours_line"].append(ours_line(n, max(5000, args.line_alerts // n), args.batched))
             time.sleep(0.5)
     rows = []
     summary: dict[str, Any] = {}
@@ -169,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             ]
         )
     print_table(
-        f"alert throughput, alerts/s delivered to each subscriber (median of {args.rounds} round(s), "
+        f"alert throughput{' (batched stream)' if args.batched else ''}, alerts/s delivered to each "
+        f"subscriber (median of {args.rounds} round(s), "
         f"wrk -c{args.connections} {args.seconds:g}s; {info['nproc']} cores, load at start "
         f"{info['load_at_start']}, now {load_average():.2f})",
         [
@@ -186,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         rows,
     )
     path = save(
-        "throughput",
+        "throughput-batched" if args.batched else "throughput",
         {
             "machine": info,
             "args": vars(args),
