@@ -26,6 +26,7 @@ from typing import Any
 import grpc
 
 from bench.workload import ID_PATTERN, alert_body
+from falco_api.batching import unframe
 from falco_api.contract.falco import outputs_pb2
 
 REPO = Path(__file__).resolve().parent.parent
@@ -184,24 +185,6 @@ class SubscriberSpec:
     batched: bool = False  # messages are OutputsBatch: responses framed as field 1
 
 
-def split_batch(message: bytes) -> list[bytes]:
-    """The responses of an OutputsBatch, without parsing them (field 1, length-delimited)."""
-    items, position, end = [], 0, len(message)
-    while position < end:
-        position += 1  # the tag byte of field 1
-        length = shift = 0
-        while True:
-            byte = message[position]
-            position += 1
-            length |= (byte & 0x7F) << shift
-            shift += 7
-            if byte < 0x80:
-                break
-        items.append(message[position : position + length])
-        position += length
-    return items
-
-
 @dataclass
 class SubscriberReport:
     alerts: list[int] = field(default_factory=list)
@@ -241,7 +224,7 @@ async def _subscribe_all(spec: SubscriberSpec, control: multiprocessing.connecti
         receipts = report.receipts
         count = 0
         async for message in stream(spec.request):
-            for payload in split_batch(message) if spec.batched else (message,):
+            for payload in unframe(message) if spec.batched else (message,):
                 now = clock()
                 if payload[0] == ALERT_FIRST_BYTE:
                     count += 1

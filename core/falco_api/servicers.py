@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 
 from falco_api.alerts import Alert
+from falco_api.batching import frame
 from falco_api.contract.falco import outputs_pb2, version_pb2
 from falco_api.contract.falco.api import drops_pb2
 from falco_api.filters import AlertFilter, FilterError
@@ -39,19 +40,7 @@ def _identity(payload: bytes) -> bytes:
     return payload
 
 
-# An OutputsBatch is its responses' bytes, each framed as field 1 (length-delimited): building it
-# costs a few bytes per alert, and the alerts stay serialised once.
 MAX_BATCH = 1000
-_BATCH_ITEM_TAG = bytes([(1 << 3) | 2])
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def _gap_message(gap: Gap) -> bytes:
@@ -219,13 +208,8 @@ class OutputsServicer:
         )
         try:
             while (first := await subscription.next()) is not None:
-                parts: list[bytes] = []
-                for delivery in (first, *subscription.ready(MAX_BATCH - 1)):
-                    for payload in _api_payloads(delivery):
-                        parts.append(_BATCH_ITEM_TAG)
-                        parts.append(_varint(len(payload)))
-                        parts.append(payload)
-                yield b"".join(parts)
+                deliveries = (first, *subscription.ready(MAX_BATCH - 1))
+                yield frame(payload for delivery in deliveries for payload in _api_payloads(delivery))
         finally:
             subscription.cancel()
 

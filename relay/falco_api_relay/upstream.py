@@ -22,6 +22,7 @@ import grpc
 
 from falco_api import __version__
 from falco_api.backoff import backoff_delay
+from falco_api.batching import BatchError, unframe
 from falco_api.contract.falco import outputs_pb2, version_pb2
 from falco_api.contract.falco.api import drops_pb2
 from falco_api.servicers import STREAMING_SERVICE, UNARY_SERVICE, Unavailable
@@ -31,7 +32,8 @@ from falco_api_relay.targets import Plan, UpstreamTarget, plan_changes
 
 log = logging.getLogger("falco_api_relay.upstream")
 
-OUTPUTS_METHOD = f"/{STREAMING_SERVICE}/outputs"
+# Batched: under load one message carries every alert the sidecar had ready for us.
+OUTPUTS_METHOD = f"/{STREAMING_SERVICE}/outputs_batched"
 DROPS_METHOD = f"/{STREAMING_SERVICE}/drops"
 VERSION_METHOD = f"/{UNARY_SERVICE}/version"
 
@@ -221,12 +223,18 @@ class Upstream:
             request_serializer=outputs_pb2.request.SerializeToString,
             response_deserializer=None,  # the bytes as they arrived: re-published unchanged
         )(request)
-        async for payload in cast(AsyncIterator[bytes], call):
-            received[0] += 1
+        async for message in cast(AsyncIterator[bytes], call):
             try:
-                self.streams.accept_alert(payload, self.cursor)
-            except MalformedResponse as error:
-                log.warning("upstream %s: skipped a response: %s", self.target.name, error)
+                payloads = unframe(message)
+            except BatchError as error:
+                log.warning("upstream %s: skipped a malformed batch: %s", self.target.name, error)
+                continue
+            for payload in payloads:
+                received[0] += 1
+                try:
+                    self.streams.accept_alert(payload, self.cursor)
+                except MalformedResponse as error:
+                    log.warning("upstream %s: skipped a response: %s", self.target.name, error)
 
     async def _follow_drops(self, channel: grpc.aio.Channel, received: list[int]) -> None:
         call = channel.unary_stream(
