@@ -217,13 +217,15 @@ async def run_command(args: argparse.Namespace, out: TextIO) -> int:
             return await run_inputs(args, channel, out)
         streaming = streaming_pb2_grpc.streamingStub(channel)
         if args.command == "events":
-            async for response in streaming.outputs(outputs_request(args)):
-                text = (
-                    format_gap(response, args.output)
-                    if response.HasField("gap")
-                    else format_event(response, args.output)
-                )
-                out.write(text + "\n")
+            # Batched: at high rates one message carries many alerts; one flush per message.
+            async for batch in streaming.outputs_batched(outputs_request(args)):
+                for response in batch.responses:
+                    text = (
+                        format_gap(response, args.output)
+                        if response.HasField("gap")
+                        else format_event(response, args.output)
+                    )
+                    out.write(text + "\n")
                 out.flush()
             return 0
         if args.command == "drops":
