@@ -16,6 +16,8 @@ import argparse
 from typing import Any
 
 from bench.harness import (
+    BATCHED_METHOD,
+    OUTPUTS_METHOD,
     PacedGenerator,
     PacedSpec,
     ServerProcess,
@@ -42,9 +44,15 @@ def bare(rate: float, seconds: float) -> dict[str, Any]:
     }
 
 
-def ours(rate: float, seconds: float, subscribers: int, *, line: bool) -> dict[str, Any]:
+def ours(
+    rate: float, seconds: float, subscribers: int, *, line: bool, batched: bool = False
+) -> dict[str, Any]:
     with ServerProcess("sidecar") as server:
-        subs = Subscribers(SubscriberSpec(server.info["grpc"], subscribers, record_ids=True))
+        method = BATCHED_METHOD if batched else OUTPUTS_METHOD
+        spec_ = SubscriberSpec(
+            server.info["grpc"], subscribers, method=method, record_ids=True, batched=batched
+        )
+        subs = Subscribers(spec_)
         try:
             wait_subscribed(server, subscribers)
             spec = (
@@ -72,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rates", default="1000,5000,20000", help="alerts/s, comma-separated")
     parser.add_argument("--seconds", type=float, default=5.0, help="per run (default: %(default)s)")
     parser.add_argument("--subscribers", type=int, default=1, help="follow subscribers (default: 1)")
+    parser.add_argument(
+        "--batched",
+        action="store_true",
+        help="subscribers read falco.api.streaming/outputs_batched (results: latency-batched.json)",
+    )
     args = parser.parse_args(argv)
     info = machine()
     results: dict[str, Any] = {}
@@ -79,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     for rate in [float(r) for r in args.rates.split(",")]:
         print(f"{rate:g} alerts/s, load {load_average():.2f}", flush=True)
         base = bare(rate, args.seconds)
-        http = ours(rate, args.seconds, args.subscribers, line=False)
-        line = ours(rate, args.seconds, args.subscribers, line=True)
+        http = ours(rate, args.seconds, args.subscribers, line=False, batched=args.batched)
+        line = ours(rate, args.seconds, args.subscribers, line=True, batched=args.batched)
         results[f"{rate:g}"] = {"bare_http": base, "ours_http": http, "ours_line": line}
         floor = base["rtt"]["p99_ms"]
         for name, run, stats in (
@@ -106,7 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         ["rate/s", "path", "p50", "p99", "max", "p99 / bare", "generator lag p99", "delivered"],
         rows,
     )
-    path = save("latency", {"machine": info, "args": vars(args), "results": results})
+    path = save(
+        "latency-batched" if args.batched else "latency",
+        {"machine": info, "args": vars(args), "results": results},
+    )
     print(f"\nwritten: {path.relative_to(path.parents[2])}")
     return 0
 
