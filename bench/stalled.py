@@ -18,6 +18,8 @@ import time
 from typing import Any
 
 from bench.harness import (
+    BATCHED_METHOD,
+    OUTPUTS_METHOD,
     PacedGenerator,
     PacedSpec,
     ServerProcess,
@@ -34,12 +36,21 @@ from bench.harness import (
 
 
 def run(
-    rate: float, seconds: float, subscribers: int, stall: float, queue_size: int, line: bool, drain: float
+    rate: float,
+    seconds: float,
+    subscribers: int,
+    stall: float,
+    queue_size: int,
+    line: bool,
+    drain: float,
+    batched: bool = False,
 ) -> dict[str, Any]:
     with ServerProcess("sidecar", queue_size=queue_size) as server:
         spec = SubscriberSpec(
             server.info["grpc"],
             subscribers,
+            method=BATCHED_METHOD if batched else OUTPUTS_METHOD,
+            batched=batched,
             record_ids=True,
             stall_index=subscribers - 1 if stall else -1,
             stall_seconds=stall,
@@ -107,12 +118,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subscribers", type=int, default=4, help="including the stalled one (default: 4)")
     parser.add_argument("--queue-size", type=int, default=10_000, help="sidecar --queue-size")
     parser.add_argument("--line", action="store_true", help="feed through line ingest instead of HTTP")
+    parser.add_argument(
+        "--batched",
+        action="store_true",
+        help="subscribers read outputs_batched (results: stalled-batched.json)",
+    )
     args = parser.parse_args(argv)
     info = machine()
     # The generator keeps sending for the whole stall, plus a little after it.
     seconds = args.stall_seconds + 2.0
     print(f"reference run (nobody stalls), load {load_average():.2f}", flush=True)
-    reference = run(args.rate, seconds, args.subscribers, 0.0, args.queue_size, args.line, args.drain_seconds)
+    reference = run(
+        args.rate,
+        seconds,
+        args.subscribers,
+        0.0,
+        args.queue_size,
+        args.line,
+        args.drain_seconds,
+        args.batched,
+    )
     print(f"stalled run, load {load_average():.2f}", flush=True)
     stalled = run(
         args.rate,
@@ -122,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         args.queue_size,
         args.line,
         args.drain_seconds,
+        args.batched,
     )
     ref_p99 = reference["latency_subscriber_0"]["p99_ms"]
     rate_ratio = (
@@ -164,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         f"p99 {p99_ratio:.2f}x; loss reported exactly: {stalled.get('loss_reported_exactly')}"
     )
     path = save(
-        "stalled",
+        "stalled-batched" if args.batched else "stalled",
         {
             "machine": info,
             "args": vars(args),
