@@ -32,8 +32,10 @@ from falco_api_relay.targets import Plan, UpstreamTarget, plan_changes
 
 log = logging.getLogger("falco_api_relay.upstream")
 
-# Batched: under load one message carries every alert the sidecar had ready for us.
-OUTPUTS_METHOD = f"/{STREAMING_SERVICE}/outputs_batched"
+# Batched: under load one message carries every alert the sidecar had ready for us. Sidecars of a
+# version without it (a relay upgraded first) answer UNIMPLEMENTED: then the per-alert stream.
+BATCHED_OUTPUTS_METHOD = f"/{STREAMING_SERVICE}/outputs_batched"
+OUTPUTS_METHOD = f"/{STREAMING_SERVICE}/outputs"
 DROPS_METHOD = f"/{STREAMING_SERVICE}/drops"
 VERSION_METHOD = f"/{UNARY_SERVICE}/version"
 
@@ -217,15 +219,26 @@ class Upstream:
         return received[0]
 
     async def _follow_outputs(self, channel: grpc.aio.Channel, received: list[int]) -> None:
+        try:
+            await self._follow_outputs_with(channel, received, batched=True)
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            log.info("upstream %s has no batched stream; following alert by alert", self.target.name)
+            await self._follow_outputs_with(channel, received, batched=False)
+
+    async def _follow_outputs_with(
+        self, channel: grpc.aio.Channel, received: list[int], *, batched: bool
+    ) -> None:
         request = outputs_pb2.request(follow=True, resume_after=self.cursor.resume_after())
         call = channel.unary_stream(
-            OUTPUTS_METHOD,
+            BATCHED_OUTPUTS_METHOD if batched else OUTPUTS_METHOD,
             request_serializer=outputs_pb2.request.SerializeToString,
             response_deserializer=None,  # the bytes as they arrived: re-published unchanged
         )(request)
         async for message in cast(AsyncIterator[bytes], call):
             try:
-                payloads = unframe(message)
+                payloads = unframe(message) if batched else [message]
             except BatchError as error:
                 log.warning("upstream %s: skipped a malformed batch: %s", self.target.name, error)
                 continue

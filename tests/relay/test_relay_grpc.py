@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
@@ -280,3 +281,48 @@ async def test_first_connection_sentinel_is_not_passed_on(cluster: Cluster) -> N
         assert not reader.gaps
         assert all(g.origin != REPLAY_ALL_ORIGIN for g in reader.gaps)
         await reader.close()
+
+
+async def test_a_sidecar_without_the_batched_stream_is_followed_alert_by_alert(cluster: Cluster) -> None:
+    """A relay upgraded before its sidecars: the older sidecar answers UNIMPLEMENTED for
+    outputs_batched, and the relay falls back to the per-alert stream."""
+    from falco_api.alerts import parse_alert
+    from falco_api.servicers import STREAMING_SERVICE, DropsServicer, OutputsServicer
+    from falco_api.streams import EventStreams
+
+    streams = EventStreams(origin="old-node/1", hostname="old-node")
+    outputs, drops = OutputsServicer(streams.alerts), DropsServicer(streams.drops)
+    old_api = grpc.method_handlers_generic_handler(
+        STREAMING_SERVICE,
+        {
+            "outputs": grpc.unary_stream_rpc_method_handler(
+                outputs.outputs,
+                request_deserializer=outputs_pb2.request.FromString,
+                response_serializer=bytes,
+            ),
+            "drops": grpc.unary_stream_rpc_method_handler(
+                drops.drops, request_deserializer=drops_pb2.DropsRequest.FromString, response_serializer=bytes
+            ),
+        },
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((old_api,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        relay = await cluster.relay([f"127.0.0.1:{port}"])
+        await wait_until(upstreams_connected(relay, 1), "the old sidecar")
+        async with grpc.aio.insecure_channel(relay_target(relay)) as channel:
+            reader = Reader(
+                streaming_pb2_grpc.streamingStub(channel).outputs(outputs_pb2.request(follow=True))
+            )
+            await wait_until(subscribers(relay, 1), "the relay subscriber")
+            await asyncio.sleep(0.2)
+            for index in range(5):
+                streams.ingest(parse_alert(json.dumps(rule_alert("old-node", index=index))))
+            got = await reader.wait_alerts(5)
+            assert [r.seq for r in got] == [1, 2, 3, 4, 5] and {r.origin for r in got} == {"old-node/1"}
+            await reader.close()
+    finally:
+        streams.close()
+        await server.stop(0.5)
