@@ -156,3 +156,41 @@ def test_rules_validate(tmp_path: object) -> None:
     )
     missing = run(folder / "missing.yaml")
     assert missing.returncode == 1 and "missing.yaml" in missing.stdout
+
+
+async def test_events_from_a_server_without_the_batched_stream() -> None:
+    """An older sidecar or relay answers UNIMPLEMENTED for outputs_batched: the CLI reads alert by alert."""
+    import grpc
+
+    from falco_api.alerts import parse_alert
+    from falco_api.contract.falco import outputs_pb2
+    from falco_api.servicers import STREAMING_SERVICE, OutputsServicer
+    from falco_api.streams import EventStreams
+
+    streams = EventStreams(origin="old/1", hostname="old")
+    for index in range(3):
+        streams.ingest(parse_alert(json.dumps(rule_alert("old", index=index))))
+    servicer = OutputsServicer(streams.alerts)
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                STREAMING_SERVICE,
+                {
+                    "outputs": grpc.unary_stream_rpc_method_handler(
+                        servicer.outputs,
+                        request_deserializer=outputs_pb2.request.FromString,
+                        response_serializer=bytes,
+                    )
+                },
+            ),
+        )
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        code, out, err = await run_cli("--server", f"127.0.0.1:{port}", "--insecure", "events", "-o", "json")
+        assert code == 0, err
+        assert [json.loads(line)["seq"] for line in out.splitlines()] == [1, 2, 3]
+    finally:
+        await server.stop(0.5)

@@ -7,7 +7,7 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import TextIO
 
 import grpc
@@ -193,6 +193,21 @@ def format_drop(report: drops_pb2.DropReport, output: str) -> str:
     return f"{end} {kind:<20} {report.hostname} dropped={report.dropped} {counts}"
 
 
+async def event_batches(
+    streaming: streaming_pb2_grpc.streamingAsyncStub, request: outputs_pb2.request
+) -> AsyncIterator[Sequence[outputs_pb2.response]]:
+    """Alerts as they come, batched (at high rates one message carries many); from a server of an
+    older version without the batched stream, one by one."""
+    try:
+        async for batch in streaming.outputs_batched(request):
+            yield batch.responses
+    except grpc.aio.AioRpcError as error:
+        if error.code() != grpc.StatusCode.UNIMPLEMENTED:
+            raise
+        async for response in streaming.outputs(request):
+            yield (response,)
+
+
 async def run_command(args: argparse.Namespace, out: TextIO) -> int:
     tls = TlsFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca)
     channel = open_channel(args.server, tls=tls, insecure=args.insecure, server_name=args.tls_server_name)
@@ -217,9 +232,8 @@ async def run_command(args: argparse.Namespace, out: TextIO) -> int:
             return await run_inputs(args, channel, out)
         streaming = streaming_pb2_grpc.streamingStub(channel)
         if args.command == "events":
-            # Batched: at high rates one message carries many alerts; one flush per message.
-            async for batch in streaming.outputs_batched(outputs_request(args)):
-                for response in batch.responses:
+            async for responses in event_batches(streaming, outputs_request(args)):
+                for response in responses:
                     text = (
                         format_gap(response, args.output)
                         if response.HasField("gap")
