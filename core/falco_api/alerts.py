@@ -139,7 +139,8 @@ _pack_double = struct.Struct("<d").pack
 _ONE_BYTE_VARINTS = [bytes((n,)) for n in range(0x80)]
 
 
-def _varint(number: int) -> bytes:
+def varint(number: int) -> bytes:
+    """Protobuf's base-128 encoding of a non-negative integer."""
     if number < 0x80:
         return _ONE_BYTE_VARINTS[number]
     out = bytearray()
@@ -151,7 +152,7 @@ def _varint(number: int) -> bytes:
 
 
 def _length_delimited(tag: bytes, data: bytes) -> bytes:
-    return tag + _varint(len(data)) + data
+    return tag + varint(len(data)) + data
 
 
 def _field_value_bytes(value: Any) -> bytes:
@@ -161,9 +162,9 @@ def _field_value_bytes(value: Any) -> bytes:
         return _length_delimited(b"\x12", value.encode())
     if kind is int:
         if _INT64_MIN <= value <= _INT64_MAX:
-            return b"\x18" + _varint((value << 1) ^ (value >> 63))  # sint64: zigzag
+            return b"\x18" + varint((value << 1) ^ (value >> 63))  # sint64: zigzag
         if 0 <= value <= _UINT64_MAX:
-            return b"\x20" + _varint(value)
+            return b"\x20" + varint(value)
     elif value is None:
         return b"\x08\x00"  # null_value, written although 0: it is a oneof member
     elif kind is bool:
@@ -339,7 +340,7 @@ def _rule_fields(priority: int, source: str, rule: str, hostname: str, tags: tup
 
 
 def _varint_tag(tag: int, number: int) -> bytes:
-    return _ONE_BYTE_VARINTS[tag] + _varint(number)
+    return _ONE_BYTE_VARINTS[tag] + varint(number)
 
 
 def _string_field(tag: bytes, value: str) -> bytes:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from falco_api.alerts import varint
+
 _ITEM_TAG = bytes([(1 << 3) | 2])
 
 
@@ -15,20 +17,11 @@ class BatchError(ValueError):
     """Bytes that are not an OutputsBatch of field-1 items."""
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def frame(payloads: Iterable[bytes]) -> bytes:
     parts: list[bytes] = []
     for payload in payloads:
         parts.append(_ITEM_TAG)
-        parts.append(_varint(len(payload)))
+        parts.append(varint(len(payload)))
         parts.append(payload)
     return b"".join(parts)
 

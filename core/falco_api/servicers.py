@@ -171,20 +171,26 @@ class OutputsServicer:
                 break
         subscription.close()
 
-    async def outputs(
-        self, request: outputs_pb2.request, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[bytes]:
-        """falco.api.streaming/outputs: buffered alerts (per cursor), then live ones if ``follow``."""
+    async def _api_subscription(
+        self, request: outputs_pb2.request, context: grpc.aio.ServicerContext[Any, Any], method: str
+    ) -> Subscription[Alert]:
+        """The falco.api.streaming view: buffered alerts (per cursor), then live ones if ``follow``."""
         alert_filter = await self._filter(request, context)
-        subscription = self.hub.subscribe(
+        return self.hub.subscribe(
             alert_filter.matches,
             follow=request.follow,
             resume_after=dict(request.resume_after),
             replay_all=not request.follow,
             report_idle_gaps=True,
             peer=self._peer_identity(context),
-            method="falco.api.streaming/outputs",
+            method=method,
         )
+
+    async def outputs(
+        self, request: outputs_pb2.request, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[bytes]:
+        """falco.api.streaming/outputs: one alert (or loss notice) per message."""
+        subscription = await self._api_subscription(request, context, "falco.api.streaming/outputs")
         try:
             while (delivery := await subscription.next()) is not None:
                 for payload in _api_payloads(delivery):
@@ -196,16 +202,7 @@ class OutputsServicer:
         self, request: outputs_pb2.request, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[bytes]:
         """falco.api.streaming/outputs_batched: the same stream, every ready alert in one message."""
-        alert_filter = await self._filter(request, context)
-        subscription = self.hub.subscribe(
-            alert_filter.matches,
-            follow=request.follow,
-            resume_after=dict(request.resume_after),
-            replay_all=not request.follow,
-            report_idle_gaps=True,
-            peer=self._peer_identity(context),
-            method="falco.api.streaming/outputs_batched",
-        )
+        subscription = await self._api_subscription(request, context, "falco.api.streaming/outputs_batched")
         try:
             while (first := await subscription.next()) is not None:
                 deliveries = (first, *subscription.ready(MAX_BATCH - 1))
