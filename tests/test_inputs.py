@@ -315,20 +315,27 @@ async def test_a_call_against_a_dead_webhook_ends_unavailable_instead_of_reading
     server = await serve_inputs(url, InputsLimits(window=4, unreachable_limit=3, forward_timeout=2.0))
     sent: list[int] = []
 
+    acks: list[inputs_pb2.InputsResponse] = []
+    acked = asyncio.Event()
+
     async def never_half_closes() -> AsyncIterator[inputs_pb2.InputsRequest]:
-        # A long-lived shipper: it sends and keeps the stream open. (It stops writing because
-        # grpc-python's client turns a write racing the server's final status into INTERNAL.)
+        # A long-lived shipper: it sends and keeps the stream open. It sends the next message only
+        # once the previous one is acknowledged, because grpc-python's client turns a write that
+        # races the server's final status into INTERNAL (a client-side artefact, not the server's).
         for request_id in range(1, 11):
             sent.append(request_id)
             yield request(request_id, audit_event(request_id))
+            while len(acks) < request_id:
+                acked.clear()
+                await acked.wait()
         await asyncio.Event().wait()
 
-    acks: list[inputs_pb2.InputsResponse] = []
     try:
         stub = bidirectional_pb2_grpc.bidirectionalStub(server.channel)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             async for ack in stub.inputs(never_half_closes(), timeout=20):
                 acks.append(ack)
+                acked.set()
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         details = caught.value.details() or ""
         assert url in details and "every message read was acknowledged" in details

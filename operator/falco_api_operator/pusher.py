@@ -44,6 +44,8 @@ OutcomeCallback = Callable[[str, DesiredState, NodeOutcome], None]
 @dataclass(frozen=True)
 class PushSettings:
     call_timeout: float = 20.0
+    # Changes that arrive together (`kubectl apply -f dir/`) go out as one apply: one Falco reload.
+    coalesce_seconds: float = 0.2
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
     # After PENDING/UNKNOWN, ask again (an idempotent apply) to read Falco's verdict.
@@ -146,6 +148,7 @@ class NodePusher:
         attempt = 0
         while True:
             await self._wake.wait()
+            await asyncio.sleep(self._settings.coalesce_seconds)
             self._wake.clear()
             desired = self._desired
             if desired is None:

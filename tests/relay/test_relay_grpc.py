@@ -41,10 +41,13 @@ async def test_two_sidecars_merge_into_one_stream_each_alert_exactly_once(cluste
     for index in range(3):
         await node_a.post(rule_alert("node-a", index=index))
     relay = await cluster.relay([node_a.address, node_b.address])
+    await wait_until(upstreams_connected(relay, 2), "both upstreams")
+    await wait_until(lambda: relay.streams.alerts.stats.published >= 3, "node-a's buffered alerts")
     async with grpc.aio.insecure_channel(relay_target(relay)) as channel:
-        reader = Reader(streaming_pb2_grpc.streamingStub(channel).outputs(outputs_pb2.request(follow=True)))
+        # The buffered alerts reached the relay before this subscriber: it resumes from node-a's start.
+        request = outputs_pb2.request(follow=True, resume_after={node_a.origin: 0})
+        reader = Reader(streaming_pb2_grpc.streamingStub(channel).outputs(request))
         await wait_until(subscribers(relay, 1), "the relay subscriber")
-        await wait_until(upstreams_connected(relay, 2), "both upstreams")
         for index in range(3, 23):
             await node_a.post(rule_alert("node-a", index=index))
             await node_b.post(rule_alert("node-b", index=index))
