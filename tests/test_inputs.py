@@ -254,7 +254,9 @@ async def test_events_are_forwarded_and_acknowledged_in_order(k8saudit: K8sAudit
             (11, True, 3, ""),
             (7, True, 1, ""),
         ]
-        assert [event["auditID"] for event in k8saudit.events] == [f"audit-{n}" for n in range(1, 6)]
+        # Acknowledgements are in order; the forwards themselves run concurrently (the window), so the
+        # webhook may receive them in any order.
+        assert sorted(event["auditID"] for event in k8saudit.events) == [f"audit-{n}" for n in range(1, 6)]
         assert k8saudit.dropped == []
         stats = server.servicer.stats
         assert (stats.messages_accepted, stats.events_accepted, stats.calls) == (3, 5, 1)
@@ -284,7 +286,7 @@ async def test_bad_messages_are_rejected_and_later_good_ones_still_go_through(
         assert "kind is 'Pod'" in acks[2].reason
         assert "over the limit of 4096" in acks[3].reason
         assert "no k8s_audit_json" in acks[4].reason
-        assert [event["auditID"] for event in k8saudit.events] == ["audit-1", "audit-2"]
+        assert sorted(event["auditID"] for event in k8saudit.events) == ["audit-1", "audit-2"]
         rejected = server.servicer.stats.rejected
         assert (rejected["malformed"], rejected["not_audit"], rejected["too_large"], rejected["empty"]) == (
             1,
@@ -316,18 +318,14 @@ async def test_a_call_against_a_dead_webhook_ends_unavailable_instead_of_reading
     sent: list[int] = []
 
     acks: list[inputs_pb2.InputsResponse] = []
-    acked = asyncio.Event()
 
     async def never_half_closes() -> AsyncIterator[inputs_pb2.InputsRequest]:
-        # A long-lived shipper: it sends and keeps the stream open. It sends the next message only
-        # once the previous one is acknowledged, because grpc-python's client turns a write that
-        # races the server's final status into INTERNAL (a client-side artefact, not the server's).
-        for request_id in range(1, 11):
+        # A long-lived shipper: it sends and keeps the stream open. It sends no more than the
+        # server reads before giving up, because grpc-python's client turns a write that races the
+        # server's final status into INTERNAL (a client-side artefact, not the server's answer).
+        for request_id in range(1, 4):
             sent.append(request_id)
             yield request(request_id, audit_event(request_id))
-            while len(acks) < request_id:
-                acked.clear()
-                await acked.wait()
         await asyncio.Event().wait()
 
     try:
@@ -335,7 +333,6 @@ async def test_a_call_against_a_dead_webhook_ends_unavailable_instead_of_reading
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             async for ack in stub.inputs(never_half_closes(), timeout=20):
                 acks.append(ack)
-                acked.set()
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         details = caught.value.details() or ""
         assert url in details and "every message read was acknowledged" in details
