@@ -8,12 +8,30 @@ a node -> sidecar map; :func:`register_kopf_pod_watch` is the thin kopf-facing p
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 DEFAULT_PORT_NAME = "falco-api"
 DEFAULT_SELECTOR = "app.kubernetes.io/name=falco"
+
+
+def add_discovery_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that say where the sidecars are: the same for the operator and the relay."""
+    parser.add_argument(
+        "--namespace", default="falco", help="namespace of the Falco pods (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--sidecar-selector",
+        default=DEFAULT_SELECTOR,
+        help="label selector of the Falco pods, key=value,... (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--sidecar-port-name",
+        default=DEFAULT_PORT_NAME,
+        help="named container port of the sidecar (default: %(default)s)",
+    )
 
 
 class SelectorError(ValueError):

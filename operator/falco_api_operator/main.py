@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import kopf
 
-from falco_api.discovery import DEFAULT_PORT_NAME, DEFAULT_SELECTOR, SelectorError, parse_equality_selector
+from falco_api.discovery import SelectorError, add_discovery_arguments, parse_equality_selector
 from falco_api.tls import TlsConfigError, TlsFiles
 
 from .handlers import OperatorConfig, Runtime, register
@@ -21,13 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="falco-api-operator",
         description="Pushes FalcoRule and FalcoConfig objects to the Falco API sidecars of their nodes.",
     )
-    parser.add_argument("--namespace", default="falco", help="namespace of the Falco pods (default: falco)")
-    parser.add_argument(
-        "--sidecar-selector", default=DEFAULT_SELECTOR, help="label selector of the Falco pods"
-    )
-    parser.add_argument(
-        "--sidecar-port-name", default=DEFAULT_PORT_NAME, help="named container port of the sidecar"
-    )
+    add_discovery_arguments(parser)
     parser.add_argument("--tls-cert", help="client certificate for mutual TLS towards the sidecars")
     parser.add_argument("--tls-key", help="its private key")
     parser.add_argument("--tls-ca", help="CA that signs the sidecars' server certificates")

@@ -20,6 +20,7 @@ from falco_api.discovery import (
     DEFAULT_SELECTOR,
     SelectorError,
     Sidecar,
+    add_discovery_arguments,
     parse_equality_selector,
 )
 from falco_api.process import exit_code, run_until_signalled
@@ -225,17 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="discover sidecars from Kubernetes pods even when --upstream is given",
     )
-    parser.add_argument(
-        "--namespace", default="falco", help="namespace of the Falco pods (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--sidecar-selector",
-        default=DEFAULT_SELECTOR,
-        help="label selector of the Falco pods (key=value,...)",
-    )
-    parser.add_argument(
-        "--sidecar-port-name", default=DEFAULT_PORT_NAME, help="named container port of the sidecar"
-    )
+    add_discovery_arguments(parser)
     parser.add_argument("--tls-cert", help="the relay server's certificate (PEM)")
     parser.add_argument("--tls-key", help="its private key (PEM)")
     parser.add_argument("--tls-ca", help="CA that signs the relay's clients' certificates (PEM)")
