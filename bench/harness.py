@@ -196,8 +196,7 @@ class SubscriberReport:
 
 
 def _missed_in(payload: bytes) -> int:
-    """The loss a gap notice reports. falco.api.streaming/outputs reports each loss twice, as a
-    gap notice and as missed_before on the next alert: only the notice is counted."""
+    """The loss a gap notice reports (the streaming API's only loss report)."""
     response = outputs_pb2.response.FromString(payload)
     return int(response.gap.missed) if response.HasField("gap") else 0
 

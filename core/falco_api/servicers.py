@@ -72,14 +72,12 @@ def _legacy_payload(delivery: Delivery[Alert]) -> bytes | None:
 
 
 def _api_payloads(delivery: Delivery[Alert]) -> list[bytes]:
+    """The streaming API announces a loss once, with a gap notice before the next alert."""
     payloads = []
     if delivery.gap is not None:
         payloads.append(_gap_message(delivery.gap))
     if delivery.entry is not None:
-        extra = (
-            _missed_before(delivery.gap.missed) if delivery.gap is not None and delivery.gap.missed else b""
-        )
-        payloads.append(delivery.entry.payload + extra)
+        payloads.append(delivery.entry.payload)
     return payloads
 
 

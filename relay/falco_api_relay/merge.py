@@ -164,9 +164,8 @@ class RelayStreams:
             return AcceptResult()
         self._last_seq[response.origin] = response.seq
         if response.missed_before:
-            # The streaming API announces every loss with a gap response first (handled
-            # above); the copy of the count on the alert would be read again by each of our
-            # subscribers, and our own losses are added per subscriber, so it is cleared.
+            # Sidecars of an older version also copied a loss already announced by a gap
+            # response onto the next alert; each of our subscribers would count it twice.
             response.ClearField("missed_before")
             payload = response.SerializeToString()
         entry = Entry(response.seq, response.origin, alert_from_response(response), payload)

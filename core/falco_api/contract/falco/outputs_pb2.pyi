@@ -231,8 +231,9 @@ class response(_message.Message):
     """Falco's `message` key, when the alert carried one."""
     missed_before: _builtins.int
     """Alerts matching this subscription that were lost just before this one
-    because the subscriber read too slowly or resumed too late. Always set
-    on the first alert after a loss, so legacy streams carry it too.
+    because the subscriber read too slowly. Set on the first alert after a
+    loss on the legacy RPCs, which have no loss notices; the streaming API
+    reports each loss once, with a `gap` response instead.
     """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
