@@ -7,6 +7,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import kopf
 
@@ -100,15 +101,29 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
     )
 
 
-async def run(config: OperatorConfig, liveness: str | None = None) -> None:
+async def run(
+    config: OperatorConfig,
+    liveness: str | None = None,
+    *,
+    runtime: Runtime | None = None,
+    settings: kopf.OperatorSettings | None = None,
+    stop_flag: Any = None,
+    ready_flag: Any = None,
+) -> None:
+    """Run the operator until stopped: the one way it starts, in its process and in the tests."""
     registry = kopf.OperatorRegistry()
-    register(registry, Runtime(config))
+    register(registry, runtime or Runtime(config))
     await kopf.operator(
         registry=registry,
+        settings=settings,
         standalone=config.standalone,
-        peering_name=config.peering_name,
+        # kopf takes any peering name as "peering is mandatory": a standalone operator given one
+        # pauses every watch until the peering resource exists, which it never looks for.
+        peering_name=None if config.standalone else config.peering_name,
         namespaces=[config.namespace],
         liveness_endpoint=liveness,
+        stop_flag=stop_flag,
+        ready_flag=ready_flag,
     )
 
 

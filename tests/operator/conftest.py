@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from falco_api.tls import TlsFiles
-from falco_api_operator.handlers import OperatorConfig, Runtime, register
+from falco_api_operator.handlers import OperatorConfig, Runtime
+from falco_api_operator.main import run
 from falco_api_operator.pusher import PushSettings
 from tests.certs import Authority
 from tests.real_sidecar import RealSidecar
@@ -238,23 +239,13 @@ async def start_operator(
             **overrides,
         )
         runtime = Runtime(config)
-        registry = kopf.OperatorRegistry()
-        register(registry, runtime)
         settings = kopf.OperatorSettings()
         settings.watching.reconnect_backoff = 0.05
         stop, ready = threading.Event(), threading.Event()
 
         def serve() -> None:
-            asyncio.run(
-                kopf.operator(
-                    registry=registry,
-                    settings=settings,
-                    standalone=True,
-                    namespaces=[NAMESPACE],
-                    stop_flag=stop,
-                    ready_flag=ready,
-                )
-            )
+            # The same entry point as the process: what it passes to kopf is under test too.
+            asyncio.run(run(config, runtime=runtime, settings=settings, stop_flag=stop, ready_flag=ready))
 
         thread = threading.Thread(target=serve, name="operator", daemon=True)
         thread.start()
